@@ -47,11 +47,12 @@ pub fn from_canonical<T: Serialize + DeserializeOwned>(
         });
     }
     let mut reader = bytes;
-    let value: T = ciborium::de::from_reader_with_recursion_limit(&mut reader, MAX_DEPTH)
-        .map_err(|e| match e {
+    let value: T = ciborium::de::from_reader_with_recursion_limit(&mut reader, MAX_DEPTH).map_err(
+        |e| match e {
             ciborium::de::Error::RecursionLimitExceeded => ProtocolError::TooDeep(MAX_DEPTH),
             other => ProtocolError::Malformed(other.to_string()),
-        })?;
+        },
+    )?;
     if !reader.is_empty() {
         return Err(ProtocolError::TrailingBytes(reader.len()));
     }
@@ -98,7 +99,11 @@ fn canonicalize(value: Value, depth: usize) -> Result<Value> {
         }
         Value::Tag(CID_TAG, inner) => match *inner {
             Value::Bytes(b) => Value::Tag(CID_TAG, Box::new(Value::Bytes(b))),
-            _ => return Err(ProtocolError::InvalidCid("tag 42 must wrap a byte string".into())),
+            _ => {
+                return Err(ProtocolError::InvalidCid(
+                    "tag 42 must wrap a byte string".into(),
+                ));
+            }
         },
         Value::Tag(tag, _) => return Err(ProtocolError::UnsupportedTag(tag)),
         other => other,
@@ -124,9 +129,13 @@ mod tests {
             zeta: 1_000_000,
             a: "x".into(),
             mid: None,
-            map: [("bb".to_string(), 1), ("a".to_string(), 2), ("ccc".to_string(), 3)]
-                .into_iter()
-                .collect(),
+            map: [
+                ("bb".to_string(), 1),
+                ("a".to_string(), 2),
+                ("ccc".to_string(), 3),
+            ]
+            .into_iter()
+            .collect(),
         }
     }
 
@@ -179,7 +188,10 @@ mod tests {
 
     #[test]
     fn floats_are_refused_both_ways() {
-        assert_eq!(to_canonical(&1.5f64).unwrap_err(), ProtocolError::FloatNotAllowed);
+        assert_eq!(
+            to_canonical(&1.5f64).unwrap_err(),
+            ProtocolError::FloatNotAllowed
+        );
         let bytes = [0xf9, 0x3e, 0x00]; // half-float 1.5
         let err = from_canonical::<f64>(&bytes, 64, "t").unwrap_err();
         assert_eq!(err, ProtocolError::FloatNotAllowed);
@@ -188,7 +200,14 @@ mod tests {
     #[test]
     fn size_cap_applies_before_parsing() {
         let err = from_canonical::<Vec<u64>>(&[0u8; 65], 64, "t").unwrap_err();
-        assert!(matches!(err, ProtocolError::TooLarge { len: 65, max: 64, .. }));
+        assert!(matches!(
+            err,
+            ProtocolError::TooLarge {
+                len: 65,
+                max: 64,
+                ..
+            }
+        ));
     }
 
     #[test]

@@ -96,7 +96,8 @@ impl Cid {
 
     /// Parses the binary form, accepting only CIDv1 / sha2-256 / dag-cbor or raw.
     pub fn from_bytes(bytes: &[u8]) -> Result<Cid> {
-        let inner = cid::Cid::try_from(bytes).map_err(|e| ProtocolError::InvalidCid(e.to_string()))?;
+        let inner =
+            cid::Cid::try_from(bytes).map_err(|e| ProtocolError::InvalidCid(e.to_string()))?;
         let cid = Self::check(inner)?;
         if cid.to_bytes() != bytes {
             return Err(ProtocolError::InvalidCid("non-minimal binary form".into()));
@@ -115,7 +116,9 @@ impl Cid {
             )));
         }
         if inner.hash().code() != SHA2_256 || inner.hash().size() != 32 {
-            return Err(ProtocolError::InvalidCid("only sha2-256 digests are accepted".into()));
+            return Err(ProtocolError::InvalidCid(
+                "only sha2-256 digests are accepted".into(),
+            ));
         }
         Ok(Cid(inner))
     }
@@ -196,7 +199,10 @@ mod tests {
         assert_eq!(raw.codec(), Codec::Raw);
         assert_eq!(cbor.codec(), Codec::DagCbor);
         raw.verify(b"hello").unwrap();
-        assert!(matches!(raw.verify(b"hellO"), Err(ProtocolError::CidMismatch { .. })));
+        assert!(matches!(
+            raw.verify(b"hellO"),
+            Err(ProtocolError::CidMismatch { .. })
+        ));
         assert!(raw.to_string().starts_with("bafk"));
         assert!(cbor.to_string().starts_with("bafy"));
     }
@@ -222,7 +228,11 @@ mod tests {
     #[test]
     fn other_codecs_and_versions_are_refused() {
         // CIDv0 (a bare sha2-256 multihash, base58btc "Qm…").
-        assert!("QmYwAPJzv5CZsnA625s3Xf2nemtYgPpHdWEz79ojWnPbdG".parse::<Cid>().is_err());
+        assert!(
+            "QmYwAPJzv5CZsnA625s3Xf2nemtYgPpHdWEz79ojWnPbdG"
+                .parse::<Cid>()
+                .is_err()
+        );
         // dag-pb (0x70) CIDv1.
         let mh = Multihash::<64>::wrap(SHA2_256, &[0u8; 32]).unwrap();
         let pb = cid::Cid::new_v1(0x70, mh);

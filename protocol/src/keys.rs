@@ -95,8 +95,9 @@ macro_rules! bytes_serde {
     };
 }
 
-bytes_serde!(PublicKey, 32, |k: &PublicKey| k.to_string(), |t: &str| t
-    .parse::<PublicKey>());
+bytes_serde!(PublicKey, 32, |k: &PublicKey| k.to_string(), |t: &str| {
+    t.parse::<PublicKey>()
+});
 bytes_serde!(
     Signature,
     64,

@@ -40,7 +40,8 @@ pub trait Signable: Serialize + DeserializeOwned {
 /// The exact bytes that are signed for `body_bytes` under `domain`.
 pub fn signing_input(domain: &str, body_bytes: &[u8]) -> Vec<u8> {
     debug_assert!(domain.len() < 256, "domains are short constants");
-    let mut input = Vec::with_capacity(SIGNATURE_CONTEXT.len() + 1 + domain.len() + body_bytes.len());
+    let mut input =
+        Vec::with_capacity(SIGNATURE_CONTEXT.len() + 1 + domain.len() + body_bytes.len());
     input.extend_from_slice(SIGNATURE_CONTEXT);
     input.push(domain.len() as u8);
     input.extend_from_slice(domain.as_bytes());

@@ -28,7 +28,10 @@ pub fn check_version(kind: &'static str, found: u16) -> Result<()> {
 /// Checks a text field's length in bytes.
 pub fn check_len(field: &'static str, value: &str, max: usize) -> Result<()> {
     if value.len() > max {
-        Err(ProtocolError::field(field, format!("longer than {max} bytes")))
+        Err(ProtocolError::field(
+            field,
+            format!("longer than {max} bytes"),
+        ))
     } else {
         Ok(())
     }
@@ -148,9 +151,9 @@ impl fmt::Display for CapabilityRef {
 impl FromStr for CapabilityRef {
     type Err = ProtocolError;
     fn from_str(s: &str) -> Result<Self> {
-        let (id, version) = s
-            .split_once('@')
-            .ok_or_else(|| ProtocolError::field("capability", format!("{s:?} must be id@version")))?;
+        let (id, version) = s.split_once('@').ok_or_else(|| {
+            ProtocolError::field("capability", format!("{s:?} must be id@version"))
+        })?;
         let version = version
             .parse::<u32>()
             .ok()

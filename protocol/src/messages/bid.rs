@@ -82,7 +82,11 @@ impl Signable for Bid {
         if !self.payout.contains_key(&self.rail.payout_chain()) {
             return Err(ProtocolError::field(
                 "payout",
-                format!("no {} wallet for rail {}", self.rail.payout_chain(), self.rail),
+                format!(
+                    "no {} wallet for rail {}",
+                    self.rail.payout_chain(),
+                    self.rail
+                ),
             ));
         }
         Ok(())
@@ -136,7 +140,7 @@ impl DeclineReason {
 #[serde(rename_all = "snake_case")]
 pub enum BidResponse {
     /// The worker bids.
-    Bid(Signed<Bid>),
+    Bid(Box<Signed<Bid>>),
     /// The worker declines, with the reason.
     Declined(DeclineReason),
 }

@@ -56,7 +56,10 @@ impl Signable for Claim {
     fn validate(&self) -> Result<()> {
         check_version(Self::KIND, self.v)?;
         if self.output.len() > MAX_OUTPUT {
-            return Err(ProtocolError::field("output", format!("longer than {MAX_OUTPUT} bytes")));
+            return Err(ProtocolError::field(
+                "output",
+                format!("longer than {MAX_OUTPUT} bytes"),
+            ));
         }
         let actual = Cid::raw(&self.output);
         if actual != self.output_cid {

@@ -46,7 +46,10 @@ impl Signable for Lease {
         check_version(Self::KIND, self.v)?;
         self.price.validate("price")?;
         if self.input.len() > MAX_INPUT {
-            return Err(ProtocolError::field("input", format!("longer than {MAX_INPUT} bytes")));
+            return Err(ProtocolError::field(
+                "input",
+                format!("longer than {MAX_INPUT} bytes"),
+            ));
         }
         Ok(())
     }

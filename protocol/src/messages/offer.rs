@@ -50,7 +50,10 @@ impl Signable for Offer {
             }
         }
         if self.expires_at <= self.issued_at {
-            return Err(ProtocolError::field("expires_at", "must be after issued_at"));
+            return Err(ProtocolError::field(
+                "expires_at",
+                "must be after issued_at",
+            ));
         }
         Ok(())
     }

@@ -79,7 +79,10 @@ impl Signable for SettlementReceipt {
         if total != self.charged.units {
             return Err(ProtocolError::field(
                 "transfers",
-                format!("sum {total} differs from the {} units charged", self.charged.units),
+                format!(
+                    "sum {total} differs from the {} units charged",
+                    self.charged.units
+                ),
             ));
         }
         for r in &self.tx_refs {
