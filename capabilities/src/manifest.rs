@@ -201,7 +201,7 @@ impl Manifest {
                 ));
             }
         }
-        if l.memory_bytes % 65_536 != 0 {
+        if !l.memory_bytes.is_multiple_of(65_536) {
             return Err(CapabilityError::invalid(
                 "limits.memory_bytes",
                 "must be a multiple of the 64 KiB Wasm page",
