@@ -1,5 +1,7 @@
 //! Every message kind: encode, decode, tamper, cross-domain.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 mod common;
 
 use common::*;

@@ -1,5 +1,7 @@
 //! Property tests: round trips, and "any bytes decode to a value or an error, never a panic".
 
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 mod common;
 
 use common::*;
