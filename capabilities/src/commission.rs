@@ -47,10 +47,34 @@ mod tests {
 
     #[test]
     fn examples() {
-        assert_eq!(split(10_000, 1000).unwrap(), Split { creator: 1000, worker_net: 9000 });
-        assert_eq!(split(9, 1000).unwrap(), Split { creator: 0, worker_net: 9 });
-        assert_eq!(split(u64::MAX, 10_000).unwrap(), Split { creator: u64::MAX, worker_net: 0 });
-        assert_eq!(split(u64::MAX, 0).unwrap(), Split { creator: 0, worker_net: u64::MAX });
+        assert_eq!(
+            split(10_000, 1000).unwrap(),
+            Split {
+                creator: 1000,
+                worker_net: 9000
+            }
+        );
+        assert_eq!(
+            split(9, 1000).unwrap(),
+            Split {
+                creator: 0,
+                worker_net: 9
+            }
+        );
+        assert_eq!(
+            split(u64::MAX, 10_000).unwrap(),
+            Split {
+                creator: u64::MAX,
+                worker_net: 0
+            }
+        );
+        assert_eq!(
+            split(u64::MAX, 0).unwrap(),
+            Split {
+                creator: 0,
+                worker_net: u64::MAX
+            }
+        );
         assert!(split(1, 10_001).is_err());
     }
 
