@@ -1,0 +1,34 @@
+#!/usr/bin/env bash
+# The main job: installs what d402 needs, builds it, and runs the local network demo.
+# Extra arguments are passed to `d402 devnet`.
+#
+# Until the paid-task devnet lands (see README "Status"), this runs what exists: it
+# publishes a capability exactly as the operator guide says (template, validate, signed
+# registration with a 10% creator commission) and verifies the registration.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/setup.sh
+cargo build --release --locked --bin d402 >&2
+d402=./target/release/d402
+
+if "$d402" devnet --help >/dev/null 2>&1; then
+  exec "$d402" devnet "$@"
+fi
+
+echo "d402 devnet (the paid-task network) is not built yet; running what exists." >&2
+work=$(mktemp -d "${TMPDIR:-/tmp}/d402-demo.XXXXXX")
+trap 'rm -rf "$work"' EXIT
+cd "$work"
+set -x
+"$OLDPWD/$d402" protocol
+"$OLDPWD/$d402" capability template --id example.extract_product --version 1 > capability.json
+"$OLDPWD/$d402" capability validate --file capability.json
+"$OLDPWD/$d402" capability register \
+  --file capability.json \
+  --state ./state/publisher \
+  --namespace example \
+  --creator-commission-bps 1000 \
+  --creator-solana-wallet 4Nd1mBQtrMJVYVfKf2PJy9NZUZdTAsp7D4xWLs4gDB4T \
+  --creator-evm-wallet 0x000000000000000000000000000000000000c0de \
+  > capability.registration.json
+"$OLDPWD/$d402" capability verify --file capability.registration.json --manifest capability.json
