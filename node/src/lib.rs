@@ -2,4 +2,7 @@
 //! command's implementation. The `d402` binary is a thin wrapper over [`cli`].
 
 pub mod cli;
+pub mod config;
 pub mod keys;
+pub mod net;
+pub mod state;

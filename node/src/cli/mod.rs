@@ -2,6 +2,9 @@
 
 use clap::{Parser, Subcommand};
 
+mod bench;
+mod node_cmd;
+mod peers;
 mod protocol;
 
 /// d402: a peer-to-peer market for compute, paid over HTTP 402.
@@ -16,6 +19,13 @@ pub struct Cli {
 enum Command {
     /// Print the wire protocol's ids and size caps.
     Protocol,
+    /// Run a node: worker, gateway, bootstrap or validator, by its flags.
+    Node(Box<crate::config::NodeArgs>),
+    /// List the peers a node knows (reads its database; works while the node runs).
+    Peers(peers::PeersArgs),
+    /// Measure the system (`d402 bench discovery`).
+    #[command(subcommand)]
+    Bench(bench::BenchCommand),
 }
 
 impl Cli {
@@ -23,6 +33,9 @@ impl Cli {
     pub fn run(self) -> anyhow::Result<()> {
         match self.command {
             Command::Protocol => protocol::run(),
+            Command::Node(args) => node_cmd::run(*args),
+            Command::Peers(args) => peers::run(args),
+            Command::Bench(cmd) => bench::run(cmd),
         }
     }
 }

@@ -1,0 +1,879 @@
+//! `d402 node` configuration: flags, a TOML file (`--config`) and `D402_*` environment
+//! variables. Flags win over the environment, which wins over the file.
+//!
+//! Every flag of the operator guide's worker and gateway commands is accepted and
+//! validated here, including those used by later subsystems, so a bad value is refused at
+//! start with a message naming the flag. Money is parsed by hand from its decimal string
+//! into integer smallest units; no float is involved.
+
+use std::{
+    net::{IpAddr, Ipv4Addr},
+    path::{Path, PathBuf},
+};
+
+use anyhow::{Context, bail};
+use clap::Args;
+use d402_capabilities::SnapshotterKind;
+use d402_protocol::{CapabilityRef, Chain, PublicKey, RailKind, Wallets};
+use libp2p::PeerId;
+use serde::{Deserialize, Serialize};
+
+use crate::net::{AdvertiseHost, PeerSpec};
+
+/// Decimals of the gateway's price unit (USDC-like assets have 6).
+pub const PRICE_DECIMALS: u32 = 6;
+/// Largest `--fanout`.
+pub const MAX_FANOUT: u32 = 16;
+/// Largest config file read.
+const MAX_CONFIG_FILE: u64 = 1024 * 1024;
+
+/// Flags of `d402 node`. Each one also reads `D402_<NAME>` (e.g. `D402_PORT`); lists
+/// (`--peer`, `--offer`, `--validators`) read comma-separated values from the environment.
+#[derive(Debug, Clone, Default, Args)]
+pub struct NodeArgs {
+    /// TOML file with any of these settings (keys are the flag names, e.g. `port = 9000`,
+    /// `peer = ["10.0.0.1:9000"]`). Flags and D402_* variables override it.
+    #[arg(long, env = "D402_CONFIG", value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    /// A name for this node in logs.
+    #[arg(long, env = "D402_LABEL")]
+    pub label: Option<String>,
+    /// State directory (key, database). Default `.d402/<label>`.
+    #[arg(long, env = "D402_STATE", value_name = "DIR")]
+    pub state: Option<PathBuf>,
+    /// Interface to listen on for peers (TCP and QUIC). Default 0.0.0.0.
+    #[arg(long, env = "D402_HOST")]
+    pub host: Option<String>,
+    /// Host (IP or DNS name) announced to peers in the signed peer record.
+    #[arg(long, env = "D402_ADVERTISE_HOST")]
+    pub advertise_host: Option<String>,
+    /// Peer port: TCP, and UDP for QUIC. Default 9000; 0 lets the OS choose.
+    #[arg(long, env = "D402_PORT")]
+    pub port: Option<u16>,
+    /// Bootstrap peer, `host:port` or a multiaddr (repeatable).
+    #[arg(long = "peer", env = "D402_PEER", value_delimiter = ',')]
+    pub peer: Vec<String>,
+    /// Capability sold by this worker (or, on a gateway, sold to apps), `id@version`
+    /// (repeatable).
+    #[arg(long = "offer", env = "D402_OFFER", value_delimiter = ',')]
+    pub offer: Vec<String>,
+    /// Snapshotter for page capabilities: `playwright` (headless Chromium) or `fetch`.
+    #[arg(long, env = "D402_SNAPSHOTTER")]
+    pub snapshotter: Option<String>,
+    /// Fall back to a plain fetch when the browser snapshot fails.
+    #[arg(long, env = "D402_FALLBACK_TO_FETCH", num_args = 0..=1, default_missing_value = "true", value_parser = parse_bool)]
+    pub fallback_to_fetch: Option<bool>,
+    /// Solana address (base58) that receives this worker's payouts.
+    #[arg(long, env = "D402_SOLANA_PAYOUT_WALLET")]
+    pub solana_payout_wallet: Option<String>,
+    /// EVM address (0x…) that receives this worker's payouts on EVM rails.
+    #[arg(long, env = "D402_EVM_PAYOUT_WALLET")]
+    pub evm_payout_wallet: Option<String>,
+    /// Interface for the gateway's HTTP API. Default 127.0.0.1.
+    #[arg(long, env = "D402_HTTP_HOST")]
+    pub http_host: Option<String>,
+    /// Port of the gateway's HTTP API; setting it makes this node a gateway.
+    #[arg(long, env = "D402_HTTP_PORT")]
+    pub http_port: Option<u16>,
+    /// Settlement rail: local, solana-direct, solana-task-escrow, solana-channel,
+    /// base-task-escrow, base-x402-solana-channel.
+    #[arg(long, env = "D402_PAYMENT")]
+    pub payment: Option<String>,
+    /// Price per task charged to apps, e.g. '$0.01' (6 decimals).
+    #[arg(long, env = "D402_GATEWAY_PRICE")]
+    pub gateway_price: Option<String>,
+    /// Most the gateway pays workers per task, e.g. 0.01 (6 decimals).
+    #[arg(long, env = "D402_GATEWAY_BUDGET")]
+    pub gateway_budget: Option<String>,
+    /// Sell only capabilities with a registration.
+    #[arg(long, env = "D402_REQUIRE_CAPABILITY_REGISTRATION", num_args = 0..=1, default_missing_value = "true", value_parser = parse_bool)]
+    pub require_capability_registration: Option<bool>,
+    /// Sell only capabilities whose registration is signed by its publisher.
+    #[arg(long, env = "D402_REQUIRE_SIGNED_CAPABILITY_REGISTRATION", num_args = 0..=1, default_missing_value = "true", value_parser = parse_bool)]
+    pub require_signed_capability_registration: Option<bool>,
+    /// Highest creator commission accepted, in basis points (0 to 10000).
+    #[arg(long, env = "D402_MAX_CREATOR_COMMISSION_BPS")]
+    pub max_creator_commission_bps: Option<u16>,
+    /// Run as a validator (re-checks results and signs verdicts).
+    #[arg(long, env = "D402_VALIDATOR", num_args = 0..=1, default_missing_value = "true", value_parser = parse_bool)]
+    pub validator: Option<bool>,
+    /// Validators this gateway asks for verdicts (PeerIds, repeatable).
+    #[arg(long = "validators", env = "D402_VALIDATORS", value_delimiter = ',')]
+    pub validators: Vec<String>,
+    /// Workers leased per task. Default 1.
+    #[arg(long, env = "D402_FANOUT")]
+    pub fanout: Option<u32>,
+    /// Agreeing claims needed to accept a result. Default 1.
+    #[arg(long, env = "D402_QUORUM")]
+    pub quorum: Option<u32>,
+    /// Kademlia mode: auto (server on bootstrap, gateway and validator nodes, and on
+    /// workers that advertise a public address), server or client.
+    #[arg(long, env = "D402_KAD_MODE")]
+    pub kad_mode: Option<String>,
+    /// Most peer connections. Default 512.
+    #[arg(long, env = "D402_MAX_CONNECTIONS")]
+    pub max_connections: Option<u32>,
+    /// Log format: text or json.
+    #[arg(long, env = "D402_LOG_FORMAT")]
+    pub log_format: Option<String>,
+    /// Print the effective configuration as JSON and exit.
+    #[arg(long)]
+    pub print_config: bool,
+}
+
+/// The same settings read from a TOML file.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct FileConfig {
+    label: Option<String>,
+    state: Option<PathBuf>,
+    host: Option<String>,
+    advertise_host: Option<String>,
+    port: Option<u16>,
+    #[serde(default)]
+    peer: Vec<String>,
+    #[serde(default)]
+    offer: Vec<String>,
+    snapshotter: Option<String>,
+    fallback_to_fetch: Option<bool>,
+    solana_payout_wallet: Option<String>,
+    evm_payout_wallet: Option<String>,
+    http_host: Option<String>,
+    http_port: Option<u16>,
+    payment: Option<String>,
+    gateway_price: Option<String>,
+    gateway_budget: Option<String>,
+    require_capability_registration: Option<bool>,
+    require_signed_capability_registration: Option<bool>,
+    max_creator_commission_bps: Option<u16>,
+    validator: Option<bool>,
+    #[serde(default)]
+    validators: Vec<String>,
+    fanout: Option<u32>,
+    quorum: Option<u32>,
+    kad_mode: Option<String>,
+    max_connections: Option<u32>,
+    log_format: Option<String>,
+}
+
+fn parse_bool(s: &str) -> Result<bool, String> {
+    match s {
+        "true" | "1" | "yes" => Ok(true),
+        "false" | "0" | "no" => Ok(false),
+        _ => Err(format!("{s:?} is not true or false")),
+    }
+}
+
+/// Kademlia mode choice.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum KadMode {
+    /// Decide from the roles and the advertised address.
+    Auto,
+    /// Always serve the DHT.
+    Server,
+    /// Never serve the DHT.
+    Client,
+}
+
+/// Log output format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// Human-readable lines.
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+/// The roles a configuration gives the node.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct Roles {
+    /// Sells its `--offer`s to the peer network (offers and no `--http-port`).
+    pub worker: bool,
+    /// Serves the HTTP task API (`--http-port`).
+    pub gateway: bool,
+    /// Validates results (`--validator`).
+    pub validator: bool,
+    /// Introduces peers: no `--offer` and no `--http-port`. Runs a rendezvous point.
+    pub bootstrap: bool,
+}
+
+/// A validated `d402 node` configuration.
+#[derive(Debug, Clone)]
+pub struct NodeConfig {
+    /// Name in logs.
+    pub label: String,
+    /// State directory.
+    pub state_dir: PathBuf,
+    /// Listen interface.
+    pub host: IpAddr,
+    /// Announced host.
+    pub advertise_host: Option<AdvertiseHost>,
+    /// Peer port.
+    pub port: u16,
+    /// Bootstrap peers.
+    pub peers: Vec<PeerSpec>,
+    /// Capabilities offered (worker) or sold (gateway).
+    pub offers: Vec<CapabilityRef>,
+    /// Snapshotter choice.
+    pub snapshotter: Option<SnapshotterKind>,
+    /// Fall back to fetch when the browser fails.
+    pub fallback_to_fetch: bool,
+    /// Payout wallets per chain.
+    pub payout: Wallets,
+    /// Gateway HTTP interface and port.
+    pub http: Option<(IpAddr, u16)>,
+    /// Settlement rail.
+    pub payment: Option<RailKind>,
+    /// Price per task in smallest units.
+    pub gateway_price_units: Option<u64>,
+    /// Budget per task in smallest units.
+    pub gateway_budget_units: Option<u64>,
+    /// Require a capability registration.
+    pub require_capability_registration: bool,
+    /// Require a signed capability registration.
+    pub require_signed_capability_registration: bool,
+    /// Commission cap in basis points.
+    pub max_creator_commission_bps: Option<u16>,
+    /// Validator role.
+    pub validator: bool,
+    /// Validators to ask.
+    pub validators: Vec<PeerId>,
+    /// Workers per task.
+    pub fanout: u32,
+    /// Agreeing claims needed.
+    pub quorum: u32,
+    /// Kademlia mode choice.
+    pub kad_mode: KadMode,
+    /// Connection limit.
+    pub max_connections: u32,
+    /// Log format.
+    pub log_format: LogFormat,
+}
+
+impl NodeArgs {
+    /// Reads `--config` (if any) and merges: flags and environment over the file.
+    pub fn resolve(&self) -> anyhow::Result<NodeConfig> {
+        let file = match &self.config {
+            Some(path) => read_file_config(path)?,
+            None => FileConfig::default(),
+        };
+        merge(self, file).validate()
+    }
+}
+
+fn read_file_config(path: &Path) -> anyhow::Result<FileConfig> {
+    let meta = std::fs::metadata(path)
+        .with_context(|| format!("cannot read config file {}", path.display()))?;
+    if meta.len() > MAX_CONFIG_FILE {
+        bail!("config file {} is larger than 1 MiB", path.display());
+    }
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("cannot read config file {}", path.display()))?;
+    toml::from_str(&text).with_context(|| format!("invalid config file {}", path.display()))
+}
+
+fn merge(a: &NodeArgs, f: FileConfig) -> NodeArgs {
+    fn list(cli: &[String], file: Vec<String>) -> Vec<String> {
+        if cli.is_empty() { file } else { cli.to_vec() }
+    }
+    NodeArgs {
+        config: a.config.clone(),
+        label: a.label.clone().or(f.label),
+        state: a.state.clone().or(f.state),
+        host: a.host.clone().or(f.host),
+        advertise_host: a.advertise_host.clone().or(f.advertise_host),
+        port: a.port.or(f.port),
+        peer: list(&a.peer, f.peer),
+        offer: list(&a.offer, f.offer),
+        snapshotter: a.snapshotter.clone().or(f.snapshotter),
+        fallback_to_fetch: a.fallback_to_fetch.or(f.fallback_to_fetch),
+        solana_payout_wallet: a.solana_payout_wallet.clone().or(f.solana_payout_wallet),
+        evm_payout_wallet: a.evm_payout_wallet.clone().or(f.evm_payout_wallet),
+        http_host: a.http_host.clone().or(f.http_host),
+        http_port: a.http_port.or(f.http_port),
+        payment: a.payment.clone().or(f.payment),
+        gateway_price: a.gateway_price.clone().or(f.gateway_price),
+        gateway_budget: a.gateway_budget.clone().or(f.gateway_budget),
+        require_capability_registration: a
+            .require_capability_registration
+            .or(f.require_capability_registration),
+        require_signed_capability_registration: a
+            .require_signed_capability_registration
+            .or(f.require_signed_capability_registration),
+        max_creator_commission_bps: a
+            .max_creator_commission_bps
+            .or(f.max_creator_commission_bps),
+        validator: a.validator.or(f.validator),
+        validators: list(&a.validators, f.validators),
+        fanout: a.fanout.or(f.fanout),
+        quorum: a.quorum.or(f.quorum),
+        kad_mode: a.kad_mode.clone().or(f.kad_mode),
+        max_connections: a.max_connections.or(f.max_connections),
+        log_format: a.log_format.clone().or(f.log_format),
+        print_config: a.print_config,
+    }
+}
+
+/// Parses a decimal amount such as `$0.01` or `0.01` into integer units with `decimals`
+/// fractional digits (`0.01` with 6 decimals is 10000). Refuses signs, exponents, more
+/// fractional digits than the asset has (unless they are zeros) and overflow.
+pub fn parse_amount(input: &str, decimals: u32) -> Result<u64, String> {
+    let s = input.trim();
+    let s = s.strip_prefix('$').unwrap_or(s);
+    if s.is_empty() {
+        return Err(format!("{input:?} is empty"));
+    }
+    let (whole, frac) = match s.split_once('.') {
+        Some((w, f)) => (w, f),
+        None => (s, ""),
+    };
+    let digits = |t: &str| t.chars().all(|c| c.is_ascii_digit());
+    if !digits(whole) || !digits(frac) || (whole.is_empty() && frac.is_empty()) {
+        return Err(format!(
+            "{input:?} is not a decimal amount like 0.01 or $0.01"
+        ));
+    }
+    if s.ends_with('.') {
+        return Err(format!("{input:?} ends with a dot"));
+    }
+    let frac_trimmed = frac.trim_end_matches('0');
+    if frac_trimmed.len() > decimals as usize {
+        return Err(format!(
+            "{input:?} has more than {decimals} decimal places (the smallest unit is 10^-{decimals})"
+        ));
+    }
+    let overflow = || format!("{input:?} is too large");
+    let scale = 10u64.checked_pow(decimals).ok_or_else(overflow)?;
+    let whole_units = if whole.is_empty() {
+        0
+    } else {
+        whole
+            .parse::<u64>()
+            .map_err(|_| overflow())?
+            .checked_mul(scale)
+            .ok_or_else(overflow)?
+    };
+    let mut frac_units = 0u64;
+    for (i, c) in frac_trimmed.chars().enumerate() {
+        let d = u64::from(c as u8 - b'0');
+        frac_units += d * 10u64.pow(decimals - 1 - i as u32);
+    }
+    whole_units.checked_add(frac_units).ok_or_else(overflow)
+}
+
+fn parse_ip(flag: &str, s: &str) -> anyhow::Result<IpAddr> {
+    if s == "localhost" {
+        return Ok(IpAddr::V4(Ipv4Addr::LOCALHOST));
+    }
+    s.parse()
+        .with_context(|| format!("--{flag} {s:?} is not an IP address"))
+}
+
+fn check_label(label: &str) -> anyhow::Result<()> {
+    if label.is_empty()
+        || label.len() > 64
+        || !label
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+    {
+        bail!("--label {label:?} must be 1 to 64 characters of A-Z a-z 0-9 - _ .");
+    }
+    Ok(())
+}
+
+fn check_evm_address(s: &str) -> anyhow::Result<()> {
+    let hex = s
+        .strip_prefix("0x")
+        .filter(|h| h.len() == 40 && h.chars().all(|c| c.is_ascii_hexdigit()));
+    if hex.is_none() {
+        bail!("--evm-payout-wallet {s:?} is not a 0x-prefixed 20-byte hex address");
+    }
+    Ok(())
+}
+
+fn is_public(ip: &IpAddr) -> bool {
+    match ip {
+        IpAddr::V4(v4) => {
+            let o = v4.octets();
+            !(v4.is_private()
+                || v4.is_loopback()
+                || v4.is_link_local()
+                || v4.is_unspecified()
+                || v4.is_broadcast()
+                || v4.is_documentation()
+                || (o[0] == 100 && (o[1] & 0xc0) == 64))
+        }
+        IpAddr::V6(v6) => {
+            let seg = v6.segments();
+            !(v6.is_loopback()
+                || v6.is_unspecified()
+                || (seg[0] & 0xfe00) == 0xfc00
+                || (seg[0] & 0xffc0) == 0xfe80)
+        }
+    }
+}
+
+impl NodeArgs {
+    fn validate(self) -> anyhow::Result<NodeConfig> {
+        let label = self.label.clone().unwrap_or_else(|| "node".to_string());
+        check_label(&label)?;
+        let state_dir = self
+            .state
+            .clone()
+            .unwrap_or_else(|| PathBuf::from(".d402").join(&label));
+        if state_dir.as_os_str().is_empty() {
+            bail!("--state is empty");
+        }
+        let host = match &self.host {
+            Some(h) => parse_ip("host", h)?,
+            None => IpAddr::V4(Ipv4Addr::UNSPECIFIED),
+        };
+        let advertise_host = match &self.advertise_host {
+            Some(h) => {
+                Some(AdvertiseHost::parse(h).with_context(|| format!("--advertise-host {h:?}"))?)
+            }
+            None => None,
+        };
+        if let Some(AdvertiseHost::Ip(ip)) = &advertise_host
+            && ip.is_unspecified()
+        {
+            bail!("--advertise-host must be an address peers can reach, not {ip}");
+        }
+        let port = self.port.unwrap_or(9000);
+        let peers = self
+            .peer
+            .iter()
+            .map(|p| p.parse::<PeerSpec>().context("--peer"))
+            .collect::<anyhow::Result<Vec<_>>>()?;
+        let mut offers = Vec::new();
+        for o in &self.offer {
+            let r: CapabilityRef = o
+                .parse()
+                .map_err(|e| anyhow::anyhow!("--offer {o:?}: {e}"))?;
+            if !offers.contains(&r) {
+                offers.push(r);
+            }
+        }
+        let snapshotter = match self.snapshotter.as_deref() {
+            None => None,
+            Some("playwright") => Some(SnapshotterKind::Playwright),
+            Some("fetch") => Some(SnapshotterKind::Fetch),
+            Some(other) => bail!("--snapshotter {other:?} must be playwright or fetch"),
+        };
+        let mut payout = Wallets::new();
+        if let Some(w) = &self.solana_payout_wallet {
+            w.parse::<PublicKey>().map_err(|_| {
+                anyhow::anyhow!(
+                    "--solana-payout-wallet {w:?} is not a base58 32-byte Solana address"
+                )
+            })?;
+            payout.insert(Chain::Solana, w.clone());
+        }
+        if let Some(w) = &self.evm_payout_wallet {
+            check_evm_address(w)?;
+            payout.insert(Chain::Evm, w.clone());
+        }
+        let http = match self.http_port {
+            Some(p) => Some((
+                parse_ip(
+                    "http-host",
+                    self.http_host.as_deref().unwrap_or("127.0.0.1"),
+                )?,
+                p,
+            )),
+            None => None,
+        };
+        let payment = match &self.payment {
+            Some(p) => Some(
+                p.parse::<RailKind>()
+                    .map_err(|e| anyhow::anyhow!("--payment: {e}"))?,
+            ),
+            None => None,
+        };
+        let gateway_price_units = match &self.gateway_price {
+            Some(p) => Some(
+                parse_amount(p, PRICE_DECIMALS)
+                    .map_err(|e| anyhow::anyhow!("--gateway-price: {e}"))?,
+            ),
+            None => None,
+        };
+        let gateway_budget_units = match &self.gateway_budget {
+            Some(p) => Some(
+                parse_amount(p, PRICE_DECIMALS)
+                    .map_err(|e| anyhow::anyhow!("--gateway-budget: {e}"))?,
+            ),
+            None => None,
+        };
+        if let Some(bps) = self.max_creator_commission_bps
+            && bps > 10_000
+        {
+            bail!("--max-creator-commission-bps {bps} is more than 10000 (100%)");
+        }
+        let validators = self
+            .validators
+            .iter()
+            .map(|v| {
+                v.parse::<PeerId>()
+                    .map_err(|e| anyhow::anyhow!("--validators {v:?} is not a PeerId: {e}"))
+            })
+            .collect::<anyhow::Result<Vec<_>>>()?;
+        let fanout = self.fanout.unwrap_or(1);
+        let quorum = self.quorum.unwrap_or(1);
+        if fanout == 0 || fanout > MAX_FANOUT {
+            bail!("--fanout {fanout} must be 1 to {MAX_FANOUT}");
+        }
+        if quorum == 0 || quorum > fanout {
+            bail!("--quorum {quorum} must be 1 to --fanout ({fanout})");
+        }
+        let kad_mode = match self.kad_mode.as_deref() {
+            None | Some("auto") => KadMode::Auto,
+            Some("server") => KadMode::Server,
+            Some("client") => KadMode::Client,
+            Some(other) => bail!("--kad-mode {other:?} must be auto, server or client"),
+        };
+        let max_connections = self.max_connections.unwrap_or(512);
+        if max_connections < 8 {
+            bail!("--max-connections {max_connections} is below 8");
+        }
+        let log_format = match self.log_format.as_deref() {
+            None | Some("text") => LogFormat::Text,
+            Some("json") => LogFormat::Json,
+            Some(other) => bail!("--log-format {other:?} must be text or json"),
+        };
+        if http.is_none() {
+            let gateway_only = [
+                ("--gateway-price", self.gateway_price.is_some()),
+                ("--gateway-budget", self.gateway_budget.is_some()),
+                (
+                    "--require-capability-registration",
+                    self.require_capability_registration.is_some(),
+                ),
+                (
+                    "--require-signed-capability-registration",
+                    self.require_signed_capability_registration.is_some(),
+                ),
+                (
+                    "--max-creator-commission-bps",
+                    self.max_creator_commission_bps.is_some(),
+                ),
+                ("--validators", !validators.is_empty()),
+                ("--fanout", self.fanout.is_some()),
+                ("--quorum", self.quorum.is_some()),
+            ];
+            if let Some((flag, _)) = gateway_only.iter().find(|(_, set)| *set) {
+                bail!("{flag} is a gateway setting: a gateway also needs --http-port");
+            }
+        }
+        Ok(NodeConfig {
+            label,
+            state_dir,
+            host,
+            advertise_host,
+            port,
+            peers,
+            offers,
+            snapshotter,
+            fallback_to_fetch: self.fallback_to_fetch.unwrap_or(false),
+            payout,
+            http,
+            payment,
+            gateway_price_units,
+            gateway_budget_units,
+            require_capability_registration: self.require_capability_registration.unwrap_or(false),
+            require_signed_capability_registration: self
+                .require_signed_capability_registration
+                .unwrap_or(false),
+            max_creator_commission_bps: self.max_creator_commission_bps,
+            validator: self.validator.unwrap_or(false),
+            validators,
+            fanout,
+            quorum,
+            kad_mode,
+            max_connections,
+            log_format,
+        })
+    }
+}
+
+impl NodeConfig {
+    /// The roles this configuration gives the node.
+    pub fn roles(&self) -> Roles {
+        let gateway = self.http.is_some();
+        Roles {
+            worker: !self.offers.is_empty() && !gateway,
+            gateway,
+            validator: self.validator,
+            bootstrap: self.offers.is_empty() && !gateway,
+        }
+    }
+
+    /// Whether the node serves the Kademlia DHT: bootstrap, gateway and validator nodes do;
+    /// a worker does only when it advertises a public IP or a DNS name (it is then taken to
+    /// be reachable), or when `--kad-mode server` says so.
+    pub fn kad_server(&self) -> bool {
+        match self.kad_mode {
+            KadMode::Server => true,
+            KadMode::Client => false,
+            KadMode::Auto => {
+                let r = self.roles();
+                r.bootstrap
+                    || r.gateway
+                    || r.validator
+                    || match &self.advertise_host {
+                        Some(AdvertiseHost::Ip(ip)) => is_public(ip),
+                        Some(AdvertiseHost::Dns(_)) => true,
+                        None => false,
+                    }
+            }
+        }
+    }
+
+    /// The effective configuration as JSON (for `--print-config`; no secrets in it).
+    pub fn to_json(&self) -> serde_json::Value {
+        serde_json::json!({
+            "label": self.label,
+            "state": self.state_dir,
+            "host": self.host.to_string(),
+            "advertise_host": self.advertise_host.as_ref().map(|h| match h {
+                AdvertiseHost::Ip(ip) => ip.to_string(),
+                AdvertiseHost::Dns(n) => n.clone(),
+            }),
+            "port": self.port,
+            "peer": self.peers.iter().map(|p| p.addr.to_string()).collect::<Vec<_>>(),
+            "offer": self.offers.iter().map(|o| o.to_string()).collect::<Vec<_>>(),
+            "snapshotter": self.snapshotter,
+            "fallback_to_fetch": self.fallback_to_fetch,
+            "payout": self.payout,
+            "http": self.http.map(|(h, p)| format!("{h}:{p}")),
+            "payment": self.payment,
+            "gateway_price_units": self.gateway_price_units,
+            "gateway_budget_units": self.gateway_budget_units,
+            "require_capability_registration": self.require_capability_registration,
+            "require_signed_capability_registration": self.require_signed_capability_registration,
+            "max_creator_commission_bps": self.max_creator_commission_bps,
+            "validator": self.validator,
+            "validators": self.validators.iter().map(|v| v.to_string()).collect::<Vec<_>>(),
+            "fanout": self.fanout,
+            "quorum": self.quorum,
+            "kad_mode": self.kad_mode,
+            "kad_server": self.kad_server(),
+            "roles": self.roles(),
+            "max_connections": self.max_connections,
+            "log_format": self.log_format,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser;
+
+    use super::*;
+
+    #[derive(Parser)]
+    struct T {
+        #[command(flatten)]
+        args: NodeArgs,
+    }
+
+    fn parse(argv: &[&str]) -> anyhow::Result<NodeConfig> {
+        let mut full = vec!["t"];
+        full.extend_from_slice(argv);
+        T::try_parse_from(full)?.args.resolve()
+    }
+
+    const WALLET: &str = "4Nd1mYQpH3wLMa3wVwTuQKkqYHT9J3uj2cNQ6gZ5jXL1";
+
+    #[test]
+    fn operator_guide_worker_command() {
+        let c = parse(&[
+            "--label",
+            "worker-1",
+            "--state",
+            ".d402/worker-1",
+            "--host",
+            "0.0.0.0",
+            "--advertise-host",
+            "203.0.113.7",
+            "--port",
+            "9001",
+            "--peer",
+            "198.51.100.1:9000",
+            "--offer",
+            "web.page_to_markdown@1",
+            "--snapshotter",
+            "playwright",
+            "--fallback-to-fetch",
+            "true",
+            "--solana-payout-wallet",
+            WALLET,
+        ])
+        .unwrap();
+        assert_eq!(c.label, "worker-1");
+        assert_eq!(c.port, 9001);
+        assert_eq!(c.peers[0].addr.to_string(), "/ip4/198.51.100.1/tcp/9000");
+        assert_eq!(c.offers[0].to_string(), "web.page_to_markdown@1");
+        assert!(c.fallback_to_fetch);
+        assert!(c.roles().worker && !c.roles().bootstrap && !c.roles().gateway);
+        // 203.0.113.0/24 is documentation space: not public, so client mode.
+        assert!(!c.kad_server());
+        assert_eq!(
+            c.payout.get(&Chain::Solana).map(String::as_str),
+            Some(WALLET)
+        );
+    }
+
+    #[test]
+    fn operator_guide_gateway_command() {
+        let c = parse(&[
+            "--label",
+            "gateway-1",
+            "--state",
+            ".d402/gateway-1",
+            "--host",
+            "0.0.0.0",
+            "--advertise-host",
+            "198.51.100.2",
+            "--port",
+            "9000",
+            "--peer",
+            "198.51.100.3:9001",
+            "--http-host",
+            "0.0.0.0",
+            "--http-port",
+            "8080",
+            "--payment",
+            "solana-direct",
+            "--gateway-price",
+            "$0.01",
+            "--gateway-budget",
+            "0.01",
+            "--offer",
+            "web.page_to_markdown@1",
+            "--require-capability-registration",
+            "true",
+            "--require-signed-capability-registration",
+            "true",
+            "--max-creator-commission-bps",
+            "2000",
+        ])
+        .unwrap();
+        assert_eq!(c.gateway_price_units, Some(10_000));
+        assert_eq!(c.gateway_budget_units, Some(10_000));
+        assert_eq!(c.payment, Some(RailKind::SolanaDirect));
+        assert_eq!(c.max_creator_commission_bps, Some(2000));
+        assert!(c.roles().gateway && !c.roles().worker);
+        assert!(c.kad_server());
+        assert_eq!(c.http, Some(("0.0.0.0".parse().unwrap(), 8080)));
+    }
+
+    #[test]
+    fn bootstrap_by_default() {
+        let c = parse(&[]).unwrap();
+        assert!(c.roles().bootstrap);
+        assert!(c.kad_server());
+        assert_eq!(c.state_dir, PathBuf::from(".d402/node"));
+    }
+
+    #[test]
+    fn amounts_are_exact_integers() {
+        assert_eq!(parse_amount("$0.01", 6), Ok(10_000));
+        assert_eq!(parse_amount("0.01", 6), Ok(10_000));
+        assert_eq!(parse_amount("1", 6), Ok(1_000_000));
+        assert_eq!(parse_amount("12.345678", 6), Ok(12_345_678));
+        assert_eq!(parse_amount("0.1000000", 6), Ok(100_000));
+        assert_eq!(parse_amount(".5", 6), Ok(500_000));
+        assert_eq!(parse_amount("18446744073709.551615", 6), Ok(u64::MAX));
+        for bad in [
+            "",
+            "$",
+            "-1",
+            "+1",
+            "1e3",
+            "0.0000001",
+            "1.2.3",
+            "1.",
+            "abc",
+            "$ 1",
+            "1,00",
+            "18446744073709.551616",
+            "99999999999999999999",
+        ] {
+            assert!(parse_amount(bad, 6).is_err(), "{bad:?} accepted");
+        }
+    }
+
+    #[test]
+    fn bad_values_name_the_flag() {
+        let cases: &[(&[&str], &str)] = &[
+            (&["--peer", "nope"], "--peer"),
+            (&["--offer", "Bad@1"], "--offer"),
+            (&["--snapshotter", "lynx"], "--snapshotter"),
+            (&["--solana-payout-wallet", "xyz"], "--solana-payout-wallet"),
+            (
+                &["--http-port", "1", "--gateway-price", "1.0000001"],
+                "--gateway-price",
+            ),
+            (
+                &["--http-port", "1", "--max-creator-commission-bps", "10001"],
+                "--max-creator-commission-bps",
+            ),
+            (
+                &["--http-port", "1", "--fanout", "3", "--quorum", "4"],
+                "--quorum",
+            ),
+            (&["--payment", "paypal"], "--payment"),
+            (&["--gateway-price", "$0.01"], "--gateway-price"),
+            (&["--label", "bad label"], "--label"),
+            (&["--host", "example.org"], "--host"),
+            (&["--advertise-host", "0.0.0.0"], "--advertise-host"),
+            (&["--log-format", "xml"], "--log-format"),
+            (&["--kad-mode", "maybe"], "--kad-mode"),
+            (
+                &["--http-port", "1", "--validators", "notapeer"],
+                "--validators",
+            ),
+        ];
+        for (argv, flag) in cases {
+            let err = format!("{:#}", parse(argv).unwrap_err());
+            assert!(err.contains(flag), "{argv:?}: {err}");
+        }
+        assert!(parse(&["--fallback-to-fetch", "maybe"]).is_err());
+    }
+
+    #[test]
+    fn flags_win_over_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("node.toml");
+        std::fs::write(
+            &path,
+            "label = \"from-file\"\nport = 7000\npeer = [\"127.0.0.1:1234\"]\nhttp-port = 8080\ngateway-price = \"$0.02\"\n",
+        )
+        .unwrap();
+        let p = path.to_str().unwrap();
+        let c = parse(&["--config", p, "--port", "7001"]).unwrap();
+        assert_eq!(c.label, "from-file");
+        assert_eq!(c.port, 7001);
+        assert_eq!(c.peers.len(), 1);
+        assert_eq!(c.gateway_price_units, Some(20_000));
+
+        std::fs::write(&path, "prot = 1\n").unwrap();
+        let err = format!("{:#}", parse(&["--config", p]).unwrap_err());
+        assert!(err.contains("prot"), "{err}");
+        // Money is never a float, not even in the file.
+        std::fs::write(&path, "http-port = 1\ngateway-budget = 0.01\n").unwrap();
+        assert!(parse(&["--config", p]).is_err());
+    }
+
+    #[test]
+    fn public_worker_serves_the_dht() {
+        let c = parse(&["--offer", "a.b@1", "--advertise-host", "8.8.8.8"]).unwrap();
+        assert!(c.kad_server());
+        let c = parse(&["--offer", "a.b@1", "--advertise-host", "10.1.2.3"]).unwrap();
+        assert!(!c.kad_server());
+        let c = parse(&["--offer", "a.b@1", "--kad-mode", "server"]).unwrap();
+        assert!(c.kad_server());
+    }
+}

@@ -1,0 +1,408 @@
+//! The node's database: one redb file, `node.redb`, under `--state`.
+//!
+//! [`State`] owns the writable handle. It opens the file in redb's
+//! [`ConcurrencyMode::SingleWriter`] mode: the running node is the one writer, and other
+//! processes (`d402 peers`, `d402 ops-monitor`) open it read-only at the same time through
+//! [`StateReader`] and see every committed transaction.
+//!
+//! Each subsystem keeps its tables in its own module (a `redb::TableDefinition` const named
+//! after the subsystem, e.g. `"offers"`, `"tasks"`, `"payments"`, `"reputation"`) and
+//! reads and writes them through [`State::write`] / [`State::read`] (or [`StateReader`]),
+//! which commit with immediate durability before returning: a change is on disk before
+//! the caller acknowledges it. Values are canonical CBOR with a size cap
+//! ([`encode`] / [`decode`]), so a damaged row is an error, never a panic. This module
+//! holds the tables every node has: [`META`] (schema version) and [`PEERS`].
+
+use std::{
+    fs,
+    os::unix::fs::PermissionsExt,
+    path::{Path, PathBuf},
+    sync::Arc,
+};
+
+use redb::{
+    ConcurrencyMode, Database, ReadOnlyDatabase, ReadTransaction, ReadableDatabase, ReadableTable,
+    TableDefinition, WriteTransaction,
+};
+use serde::{Deserialize, Serialize, de::DeserializeOwned};
+use thiserror::Error;
+
+/// File name of the database inside the state directory.
+pub const DB_FILE: &str = "node.redb";
+
+/// Schema version written to [`META`]. Bump it with a migration when a table's encoding
+/// changes.
+pub const SCHEMA_VERSION: u32 = 1;
+
+/// Small key/value facts about the database itself (`schema` → version).
+pub const META: TableDefinition<&str, u32> = TableDefinition::new("meta");
+
+/// Known peers: PeerId bytes → canonical CBOR of [`KnownPeer`].
+pub const PEERS: TableDefinition<&[u8], &[u8]> = TableDefinition::new("peers");
+
+/// Largest encoded [`KnownPeer`] accepted.
+pub const MAX_PEER_ENTRY: usize = 16 * 1024;
+/// Most addresses kept per peer.
+pub const MAX_PEER_ADDRS: usize = 16;
+/// Most protocols kept per peer.
+pub const MAX_PEER_PROTOCOLS: usize = 64;
+/// Longest address, protocol or agent string kept.
+pub const MAX_PEER_STRING: usize = 256;
+
+/// Errors of the state database.
+#[derive(Debug, Error)]
+pub enum StateError {
+    /// The state directory cannot be created or used.
+    #[error("state directory {path}: {reason}")]
+    Dir {
+        /// The directory.
+        path: PathBuf,
+        /// The cause.
+        reason: String,
+    },
+    /// Another process has the database open for writing.
+    #[error(
+        "the database {0} is in use by another d402 process (is a node with this --state running?)"
+    )]
+    Locked(PathBuf),
+    /// redb failed.
+    #[error("database error: {0}")]
+    Db(#[from] redb::Error),
+    /// A stored value does not decode.
+    #[error("damaged {table} row: {reason}")]
+    Corrupt {
+        /// The table.
+        table: &'static str,
+        /// The decoding error.
+        reason: String,
+    },
+    /// The database was written by a newer d402.
+    #[error("database schema {found} is newer than this d402 understands ({SCHEMA_VERSION})")]
+    Schema {
+        /// The version found.
+        found: u32,
+    },
+}
+
+macro_rules! from_redb {
+    ($($t:ty),*) => {$(
+        impl From<$t> for StateError {
+            fn from(e: $t) -> Self {
+                StateError::Db(e.into())
+            }
+        }
+    )*};
+}
+from_redb!(
+    redb::DatabaseError,
+    redb::TransactionError,
+    redb::TableError,
+    redb::StorageError,
+    redb::CommitError
+);
+
+/// Canonical CBOR of a row value.
+pub fn encode<T: Serialize>(table: &'static str, value: &T) -> Result<Vec<u8>, StateError> {
+    d402_protocol::cbor::to_canonical(value).map_err(|e| StateError::Corrupt {
+        table,
+        reason: e.to_string(),
+    })
+}
+
+/// Decodes a row value, refusing more than `max` bytes.
+pub fn decode<T: Serialize + DeserializeOwned>(
+    table: &'static str,
+    bytes: &[u8],
+    max: usize,
+) -> Result<T, StateError> {
+    d402_protocol::cbor::from_canonical(bytes, max, table).map_err(|e| StateError::Corrupt {
+        table,
+        reason: e.to_string(),
+    })
+}
+
+/// The writable database of a running node. Cheap to clone; share it between subsystems.
+#[derive(Clone)]
+pub struct State {
+    db: Arc<Database>,
+    path: PathBuf,
+}
+
+impl std::fmt::Debug for State {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("State").field("path", &self.path).finish()
+    }
+}
+
+/// The path of the database in a state directory.
+pub fn db_path(state_dir: &Path) -> PathBuf {
+    state_dir.join(DB_FILE)
+}
+
+impl State {
+    /// Opens (creating when missing) the database in `state_dir`, creating the directory
+    /// with mode 0700.
+    pub fn open(state_dir: &Path) -> Result<State, StateError> {
+        let dir_err = |reason: String| StateError::Dir {
+            path: state_dir.to_path_buf(),
+            reason,
+        };
+        if !state_dir.exists() {
+            fs::create_dir_all(state_dir).map_err(|e| dir_err(e.to_string()))?;
+            fs::set_permissions(state_dir, fs::Permissions::from_mode(0o700))
+                .map_err(|e| dir_err(e.to_string()))?;
+        } else if !state_dir.is_dir() {
+            return Err(dir_err("not a directory".into()));
+        }
+        let path = db_path(state_dir);
+        let db = Database::builder()
+            .set_concurrency_mode(ConcurrencyMode::SingleWriter)
+            .create(&path)
+            .map_err(|e| match e {
+                redb::DatabaseError::DatabaseAlreadyOpen => StateError::Locked(path.clone()),
+                other => other.into(),
+            })?;
+        let state = State {
+            db: Arc::new(db),
+            path,
+        };
+        state.write(|tx| {
+            let mut meta = tx.open_table(META)?;
+            let found = meta.get("schema")?.map(|v| v.value());
+            match found {
+                Some(v) if v > SCHEMA_VERSION => return Err(StateError::Schema { found: v }),
+                Some(_) => {}
+                None => {
+                    meta.insert("schema", SCHEMA_VERSION)?;
+                }
+            }
+            tx.open_table(PEERS)?;
+            Ok(())
+        })?;
+        Ok(state)
+    }
+
+    /// The database file.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Runs `f` in one write transaction and commits it (durably) before returning. If `f`
+    /// fails nothing is written.
+    pub fn write<R>(
+        &self,
+        f: impl FnOnce(&WriteTransaction) -> Result<R, StateError>,
+    ) -> Result<R, StateError> {
+        let tx = self.db.begin_write()?;
+        let out = f(&tx)?;
+        tx.commit()?;
+        Ok(out)
+    }
+
+    /// Runs `f` in one read transaction.
+    pub fn read<R>(
+        &self,
+        f: impl FnOnce(&ReadTransaction) -> Result<R, StateError>,
+    ) -> Result<R, StateError> {
+        f(&self.db.begin_read()?)
+    }
+
+    /// Inserts or replaces a known peer, committed before it returns.
+    pub fn upsert_peer(&self, peer_id: &[u8], peer: &KnownPeer) -> Result<(), StateError> {
+        let bytes = encode("peers", &peer.capped())?;
+        self.write(|tx| {
+            tx.open_table(PEERS)?.insert(peer_id, bytes.as_slice())?;
+            Ok(())
+        })
+    }
+
+    /// Forgets a peer.
+    pub fn remove_peer(&self, peer_id: &[u8]) -> Result<bool, StateError> {
+        self.write(|tx| Ok(tx.open_table(PEERS)?.remove(peer_id)?.is_some()))
+    }
+
+    /// Every known peer, most recently seen first.
+    pub fn known_peers(&self) -> Result<Vec<(Vec<u8>, KnownPeer)>, StateError> {
+        known_peers_in(&*self.db)
+    }
+}
+
+/// A read-only view of a node's database, usable while the node runs.
+pub struct StateReader {
+    db: ReadOnlyDatabase,
+}
+
+impl StateReader {
+    /// Opens the database in `state_dir` read-only.
+    pub fn open(state_dir: &Path) -> Result<StateReader, StateError> {
+        let path = db_path(state_dir);
+        if !path.exists() {
+            return Err(StateError::Dir {
+                path: state_dir.to_path_buf(),
+                reason: format!("no database {DB_FILE} here (has a node run with this --state?)"),
+            });
+        }
+        let db = redb::Builder::new()
+            .set_concurrency_mode(ConcurrencyMode::SingleWriter)
+            .open_read_only(&path)
+            .map_err(|e| match e {
+                redb::DatabaseError::DatabaseAlreadyOpen => StateError::Locked(path.clone()),
+                other => other.into(),
+            })?;
+        Ok(StateReader { db })
+    }
+
+    /// Runs `f` in one read transaction.
+    pub fn read<R>(
+        &self,
+        f: impl FnOnce(&ReadTransaction) -> Result<R, StateError>,
+    ) -> Result<R, StateError> {
+        f(&self.db.begin_read()?)
+    }
+
+    /// Every known peer, most recently seen first.
+    pub fn known_peers(&self) -> Result<Vec<(Vec<u8>, KnownPeer)>, StateError> {
+        known_peers_in(&self.db)
+    }
+}
+
+fn known_peers_in(db: &impl ReadableDatabase) -> Result<Vec<(Vec<u8>, KnownPeer)>, StateError> {
+    let tx = db.begin_read()?;
+    let table = match tx.open_table(PEERS) {
+        Ok(t) => t,
+        Err(redb::TableError::TableDoesNotExist(_)) => return Ok(Vec::new()),
+        Err(e) => return Err(e.into()),
+    };
+    let mut out = Vec::new();
+    for row in table.iter()? {
+        let (k, v) = row?;
+        let peer: KnownPeer = decode("peers", v.value(), MAX_PEER_ENTRY)?;
+        out.push((k.value().to_vec(), peer));
+    }
+    out.sort_by_key(|a| std::cmp::Reverse(a.1.last_seen_ms));
+    Ok(out)
+}
+
+/// What the node knows about a peer it has verified.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct KnownPeer {
+    /// Addresses from the peer's signed peer record (multiaddr strings).
+    pub addrs: Vec<String>,
+    /// Protocols the peer announced in identify.
+    pub protocols: Vec<String>,
+    /// The peer's agent string.
+    pub agent: String,
+    /// Whether it serves the Kademlia DHT (it is put in the routing table).
+    pub kad_server: bool,
+    /// Whether it is a rendezvous point.
+    pub rendezvous_point: bool,
+    /// When it was first verified (Unix milliseconds).
+    pub first_seen_ms: u64,
+    /// When it was last verified (Unix milliseconds).
+    pub last_seen_ms: u64,
+}
+
+fn cap_strings(v: &[String], n: usize) -> Vec<String> {
+    v.iter()
+        .filter(|s| s.len() <= MAX_PEER_STRING)
+        .take(n)
+        .cloned()
+        .collect()
+}
+
+impl KnownPeer {
+    /// A copy within the size caps (extra addresses and protocols dropped).
+    pub fn capped(&self) -> KnownPeer {
+        KnownPeer {
+            addrs: cap_strings(&self.addrs, MAX_PEER_ADDRS),
+            protocols: cap_strings(&self.protocols, MAX_PEER_PROTOCOLS),
+            agent: self.agent.chars().take(MAX_PEER_STRING / 4).collect(),
+            ..self.clone()
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn peer(last: u64) -> KnownPeer {
+        KnownPeer {
+            addrs: vec!["/ip4/127.0.0.1/tcp/9000".into()],
+            protocols: vec!["/d402/kad/1.0.0".into()],
+            agent: "d402/test".into(),
+            kad_server: true,
+            rendezvous_point: false,
+            first_seen_ms: 1,
+            last_seen_ms: last,
+        }
+    }
+
+    #[test]
+    fn peers_persist_across_reopen_and_sort_by_last_seen() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let s = State::open(dir.path()).unwrap();
+            s.upsert_peer(b"a", &peer(10)).unwrap();
+            s.upsert_peer(b"b", &peer(20)).unwrap();
+            s.upsert_peer(b"a", &peer(30)).unwrap();
+        }
+        let s = State::open(dir.path()).unwrap();
+        let peers = s.known_peers().unwrap();
+        assert_eq!(peers.len(), 2);
+        assert_eq!(peers[0].0, b"a");
+        assert_eq!(peers[0].1.last_seen_ms, 30);
+        assert!(s.remove_peer(b"b").unwrap());
+        assert_eq!(s.known_peers().unwrap().len(), 1);
+    }
+
+    #[test]
+    fn reader_sees_commits_while_writer_is_open() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = State::open(dir.path()).unwrap();
+        s.upsert_peer(b"a", &peer(10)).unwrap();
+        let r = StateReader::open(dir.path()).unwrap();
+        assert_eq!(r.known_peers().unwrap().len(), 1);
+        s.upsert_peer(b"b", &peer(11)).unwrap();
+        assert_eq!(r.known_peers().unwrap().len(), 2);
+    }
+
+    #[test]
+    fn second_writer_is_refused_clearly() {
+        let dir = tempfile::tempdir().unwrap();
+        let _s = State::open(dir.path()).unwrap();
+        // In-process a second open of the same file is refused by redb too.
+        let err = State::open(dir.path()).unwrap_err();
+        assert!(
+            matches!(err, StateError::Locked(_) | StateError::Db(_)),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn damaged_rows_are_errors() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = State::open(dir.path()).unwrap();
+        s.write(|tx| {
+            tx.open_table(PEERS)?
+                .insert(&b"x"[..], &b"\xff\x00garbage"[..])?;
+            Ok(())
+        })
+        .unwrap();
+        assert!(matches!(
+            s.known_peers(),
+            Err(StateError::Corrupt { table: "peers", .. })
+        ));
+    }
+
+    #[test]
+    fn oversized_fields_are_capped() {
+        let mut p = peer(1);
+        p.addrs = (0..100).map(|i| format!("/ip4/1.2.3.4/tcp/{i}")).collect();
+        p.protocols.push("x".repeat(10_000));
+        let c = p.capped();
+        assert_eq!(c.addrs.len(), MAX_PEER_ADDRS);
+        assert!(c.protocols.iter().all(|s| s.len() <= MAX_PEER_STRING));
+        assert!(encode("peers", &c).unwrap().len() < MAX_PEER_ENTRY);
+    }
+}
