@@ -18,7 +18,8 @@ pub struct Vote<W> {
     pub snapshot_cid: Option<Cid>,
 }
 
-/// Where the vote stands.
+/// Where the vote stands. Short-lived, so the size of `Accepted` does not matter.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Decision<W> {
     /// Not decided yet: the best group has `best` of `needed` agreeing claims.
@@ -48,6 +49,9 @@ pub enum Decision<W> {
     },
 }
 
+/// Claims grouped by (output CID, snapshot CID), with the workers that made them.
+type Group<W> = ((Cid, Option<Cid>), Vec<W>);
+
 /// Decides over the votes so far, given how many leased claims may still arrive.
 ///
 /// `quorum` must be at least 1. The first group (in vote order) to reach the quorum wins;
@@ -59,7 +63,7 @@ pub fn decide<W: Clone + PartialEq>(
 ) -> Decision<W> {
     let quorum = quorum.max(1);
     // Groups keyed by (output, snapshot) in order of first appearance.
-    let mut groups: Vec<((Cid, Option<Cid>), Vec<W>)> = Vec::new();
+    let mut groups: Vec<Group<W>> = Vec::new();
     for v in votes {
         let key = (v.output_cid, v.snapshot_cid);
         match groups.iter_mut().find(|(k, _)| *k == key) {
