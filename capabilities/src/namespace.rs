@@ -89,6 +89,13 @@ impl NamespaceRegistry {
         self.owners.get(namespace)
     }
 
+    /// An owned namespace that is `namespace`, a parent or a child of it, with its owner.
+    pub fn overlapping_owner(&self, namespace: &str) -> Option<(&String, &PublicKey)> {
+        self.owners
+            .iter()
+            .find(|(owned, _)| overlaps(owned, namespace))
+    }
+
     /// Checks that `key` may register `namespace`: no other key owns it, a parent of it or
     /// a child of it.
     pub fn check(&self, namespace: &str, key: &PublicKey) -> Result<Claim> {
@@ -170,6 +177,11 @@ mod tests {
         );
         assert!(err.to_string().contains("owned by publisher"), "{err}");
         assert_eq!(r.owner("example"), Some(&pk(1)));
+        assert_eq!(
+            r.overlapping_owner("example.shop"),
+            Some((&"example".to_string(), &pk(1)))
+        );
+        assert_eq!(r.overlapping_owner("examples"), None);
         // A fork goes under its own namespace.
         assert_eq!(r.claim("forker", &pk(2)).unwrap(), Claim::New);
     }

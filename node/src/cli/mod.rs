@@ -3,6 +3,7 @@
 use clap::{Parser, Subcommand};
 
 mod bench;
+mod capability;
 mod node_cmd;
 mod peers;
 mod protocol;
@@ -19,6 +20,9 @@ pub struct Cli {
 enum Command {
     /// Print the wire protocol's ids and size caps.
     Protocol,
+    /// Write, check, register, verify, import and list capabilities.
+    #[command(subcommand)]
+    Capability(capability::CapabilityCommand),
     /// Run a node: worker, gateway, bootstrap or validator, by its flags.
     Node(Box<crate::config::NodeArgs>),
     /// List the peers a node knows (reads its database; works while the node runs).
@@ -33,6 +37,7 @@ impl Cli {
     pub fn run(self) -> anyhow::Result<()> {
         match self.command {
             Command::Protocol => protocol::run(),
+            Command::Capability(cmd) => capability::run(cmd),
             Command::Node(args) => node_cmd::run(*args),
             Command::Peers(args) => peers::run(args),
             Command::Bench(cmd) => bench::run(cmd),
