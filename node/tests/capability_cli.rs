@@ -633,6 +633,54 @@ fn import_list_resolve_and_namespace_enforcement_in_the_store() {
         &args.iter().map(String::as_str).collect::<Vec<_>>(),
         "exact manifest CID",
     );
+    // A module that is not the one pinned, or a state that is not a directory: refused,
+    // nothing written.
+    fs::write(d.join("other.wasm"), b"\0asm\x01\0\0\0\x00\x02\x01u").unwrap();
+    fs::write(d.join("a_file"), "x").unwrap();
+    let before = files_under(d);
+    fails(
+        d,
+        &[
+            "capability",
+            "import",
+            "--state",
+            "n2",
+            "--file",
+            "m2.json",
+            "--wasm",
+            "other.wasm",
+        ],
+        "implementation.cid",
+    );
+    fails(
+        d,
+        &[
+            "capability",
+            "import",
+            "--state",
+            "a_file",
+            "--file",
+            "m2.json",
+            "--wasm",
+            "mod.wasm",
+        ],
+        "not a directory",
+    );
+    fails(
+        d,
+        &[
+            "capability",
+            "import",
+            "--state",
+            "a_file/n",
+            "--file",
+            "m2.json",
+            "--wasm",
+            "mod.wasm",
+        ],
+        "a_file/n",
+    );
+    assert_eq!(before, files_under(d));
     // The manifest alone is fine.
     let args = import("m2.json", None);
     ok(d, &args.iter().map(String::as_str).collect::<Vec<_>>());
@@ -686,6 +734,12 @@ fn unsigned_registrations_are_explicit() {
             EVM,
             "--unsigned",
         ],
+    );
+    assert!(
+        r.stderr
+            .contains("note: no --creator-solana-wallet: gateways settling on solana-task-escrow"),
+        "{}",
+        r.stderr
     );
     let doc: serde_json::Value = serde_json::from_str(&r.stdout).unwrap();
     assert!(doc.get("signature").is_none() && doc.get("signer").is_none());

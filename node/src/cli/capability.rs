@@ -330,6 +330,7 @@ fn register(a: RegisterArgs) -> anyhow::Result<()> {
             manifest.capability(),
             bps
         );
+        warn_missing_wallets(reg.body());
         return Ok(());
     };
 
@@ -375,7 +376,32 @@ fn register(a: RegisterArgs) -> anyhow::Result<()> {
         }
     );
     warn_placeholder(&manifest);
+    warn_missing_wallets(reg.body());
     Ok(())
+}
+
+/// Notes, on stderr, the chain families a commission-bearing registration has no wallet for:
+/// gateways settling on those rails will refuse it.
+fn warn_missing_wallets(body: &Registration) {
+    if body.creator_commission_bps == 0 {
+        return;
+    }
+    for (chain, flag) in [
+        (Chain::Solana, "--creator-solana-wallet"),
+        (Chain::Evm, "--creator-evm-wallet"),
+    ] {
+        if !body.creator_wallets.contains_key(&chain) {
+            let rails: Vec<&str> = d402_protocol::RailKind::ALL
+                .into_iter()
+                .filter(|r| r.splits_commission() && r.payout_chain() == chain)
+                .map(|r| r.as_str())
+                .collect();
+            eprintln!(
+                "note: no {flag}: gateways settling on {} will refuse these terms",
+                rails.join(", ")
+            );
+        }
+    }
 }
 
 /// Rewrites registration field names in an error to the flags that set them.
