@@ -204,7 +204,16 @@ d402 capability register \
         "{}",
         v.stdout
     );
-    assert!(v.stdout.contains(SOLANA) && v.stdout.contains(EVM));
+    assert!(
+        v.stdout.contains(&format!("wallet        solana {SOLANA}")),
+        "{}",
+        v.stdout
+    );
+    assert!(
+        v.stdout.contains(&format!("wallet        evm    {EVM}")),
+        "{}",
+        v.stdout
+    );
     let j = ok(
         dir.path(),
         &[

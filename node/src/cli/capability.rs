@@ -483,7 +483,7 @@ fn verify(a: VerifyArgs) -> anyhow::Result<()> {
         ),
     ];
     for (chain, address) in &body.creator_wallets {
-        lines.push(format!("wallet        {chain:<7}{address}"));
+        lines.push(format!("wallet        {:<7}{address}", chain.to_string()));
     }
     lines.push(format!("created_at    {} (ms since 1970)", body.created_at));
     print_out(&lines.join("\n"))
