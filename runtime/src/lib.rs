@@ -1,8 +1,16 @@
-//! The d402 worker runtime (not built yet).
+//! The d402 worker runtime: what a worker runs when it sells a capability.
 //!
-//! This crate will hold what a worker runs when it sells a capability: the Wasm executor on
-//! wasmtime (fuel, epoch deadline, memory and table limits, no ambient authority, a module
-//! cache keyed by implementation CID), the snapshotters (`fetch` and headless Chromium) that
-//! fetch pages under the URL policy (no private, loopback, link-local or metadata
-//! addresses after DNS and on every redirect), and the operator's grants. It is tracked by
-//! the runtime issue; until then it exports nothing.
+//! - [`executor`]: the sandboxed Wasm executor on wasmtime (fuel, epoch deadline, memory
+//!   and table limits, no imports at all, a module cache keyed by implementation CID);
+//! - [`policy`]: the URL policy every snapshotter obeys (http(s) only, no loopback,
+//!   private, link-local, CGNAT or metadata addresses after DNS and on every redirect);
+//! - [`fetch`]: the plain HTTP snapshotter; [`chromium`]: the headless-Chromium
+//!   (`playwright`) snapshotter and its egress [`proxy`];
+//! - [`grants`]: what the operator permits, checked before any work;
+//! - [`runner`]: a whole capability run (grants, snapshot, Wasm).
+
+pub mod executor;
+
+pub use executor::{
+    ExecError, Executor, ExecutorConfig, Outcome, PreparedModule, RunLimits, TrapReason,
+};
