@@ -728,7 +728,14 @@ impl EventLoop {
             }
         }
         found.sort_by_key(|p| p.peer_id);
-        debug!(capability = %l.cid, lookup = id, providers = found.len(), "capability lookup finished");
+        debug!(
+            capability = %l.cid,
+            lookup = id,
+            providers = found.len(),
+            unfinished_queries = l.queries.len(),
+            unanswered_rendezvous = l.rendezvous_pending.len(),
+            "capability lookup finished"
+        );
         let _ = l.reply.send(found);
     }
 
