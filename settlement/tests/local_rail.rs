@@ -107,6 +107,15 @@ fn paid_task_v2_splits_to_the_unit() {
     }
     assert_eq!(entries[5].role, Some(PayeeRole::Gateway));
     assert_eq!(entries[5].claim_cid, None);
+    for (e, (t, r)) in entries[1..]
+        .iter()
+        .zip(receipt.body.transfers.iter().zip(&receipt.body.tx_refs))
+    {
+        assert_eq!(&e.tx_ref(), r);
+        assert_eq!((e.role, e.units), (Some(t.role), t.units));
+        assert_eq!(e.to, Account::Wallet(t.to.parse().unwrap()));
+        assert_eq!(e.from, Account::Escrow(task(1)));
+    }
 
     // PAYMENT-RESPONSE carries the receipt; the client verifies the gateway's signature.
     let response = SettlementResponse::settled(rail.network(), receipt.clone());
@@ -145,6 +154,10 @@ fn paid_task_v1_from_the_json_body() {
     let receipt = rail.refund_task(task(2), NOW).unwrap();
     assert_eq!(receipt.body.transfers[0].role, PayeeRole::Refund);
     assert_eq!(rail.balance(&addr(2)).unwrap(), 50_000);
+    let entries = rail.read(|r| r.task_entries(&task(2))).unwrap();
+    let roles: Vec<_> = entries.iter().map(|e| (e.role, e.units)).collect();
+    assert_eq!(roles, [(None, 20_000), (Some(PayeeRole::Refund), 20_000)]);
+    assert_eq!(entries[1].to, Account::Wallet(addr(2).parse().unwrap()));
     let resp = SettlementResponse::refunded(rail.network(), "task_not_served", Some(receipt));
     let back = x402_ok(&resp.to_header().unwrap());
     assert!(!back.success);
@@ -631,4 +644,67 @@ fn works_through_dyn_rail() {
         })
         .is_err()
     );
+}
+
+#[test]
+fn refused_operations_leave_a_shared_transaction_untouched() {
+    let dir = tempfile::tempdir().unwrap();
+    let (db, rail) = file_rail(&dir, dev_config());
+    rail.faucet(&addr(1), 25_000, NOW).unwrap();
+    let challenge = challenge(&rail, 10_000);
+    let pays: Vec<_> = (0..3)
+        .map(|_| {
+            verify(
+                &rail,
+                &challenge,
+                &pay_header(&challenge, &key(1), NOW),
+                NOW,
+            )
+            .unwrap()
+        })
+        .collect();
+    let journal_before = rail.read(|r| r.journal(0, 100)).unwrap().len();
+
+    // One transaction, several operations, one commit (group commit).
+    let txn = db.begin_write().unwrap();
+    rail.lock_in(&txn, task(1), &pays[0], NOW).unwrap();
+    rail.lock_in(&txn, task(2), &pays[1], NOW).unwrap();
+    let err = rail.lock_in(&txn, task(3), &pays[2], NOW).unwrap_err();
+    assert!(
+        matches!(err, RailError::InsufficientFunds { balance: 5000, .. }),
+        "{err}"
+    );
+    assert!(matches!(
+        rail.lock_in(&txn, task(4), &pays[0], NOW),
+        Err(RailError::NonceReplayed)
+    ));
+    let mut bad = plan(&[(11, 3000), (12, 3000)], 1000);
+    bad.payouts[1].worker = "not-an-address".into();
+    assert!(matches!(
+        rail.capture_in(&txn, task(1), &bad, NOW),
+        Err(RailError::InvalidAddress { .. })
+    ));
+    let receipt = rail
+        .capture_in(&txn, task(1), &plan(&[(11, 3000)], 1000), NOW)
+        .unwrap();
+    rail.refund_in(&txn, task(2), NOW).unwrap();
+    assert!(matches!(
+        rail.refund_in(&txn, task(1), NOW),
+        Err(RailError::AlreadyCaptured(_))
+    ));
+    txn.commit().unwrap();
+
+    assert_eq!(rail.balance(&addr(1)).unwrap(), 15_000);
+    assert_eq!(rail.balance(&addr(11)).unwrap(), 2700);
+    assert_eq!(rail.balance(&addr(12)).unwrap(), 0);
+    assert_eq!(rail.balance(&rail.address()).unwrap(), 7000);
+    assert!(rail.escrow(task(3)).unwrap().is_none());
+    assert_eq!(rail.read(|r| r.nonce_used(pays[2].nonce())).unwrap(), None);
+    // Lock, lock, capture (creator, worker, gateway), refund: 6 entries, no strays.
+    let journal = rail.read(|r| r.journal(0, 100)).unwrap();
+    assert_eq!(journal.len() - journal_before, 6);
+    let entries = rail.read(|r| r.task_entries(&task(1))).unwrap();
+    let refs: Vec<_> = entries[1..].iter().map(|e| e.tx_ref()).collect();
+    assert_eq!(refs, receipt.body.tx_refs);
+    assert!(rail.audit().unwrap().is_balanced());
 }

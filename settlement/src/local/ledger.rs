@@ -266,7 +266,8 @@ impl<'t> LedgerReader<'t> {
         Ok(out)
     }
 
-    /// Journal entries of one task (lock, then payouts or refund).
+    /// Journal entries of one task: the lock, then the payouts or the refund (found through
+    /// the escrow record and its receipt, without scanning the journal).
     pub fn task_entries(&self, task_id: &TaskId) -> Result<Vec<LedgerEntry>, RailError> {
         let Some(rec) = self.escrow(task_id)? else {
             return Ok(Vec::new());
@@ -274,13 +275,24 @@ impl<'t> LedgerReader<'t> {
         let Some(t) = missing_is_empty(self.txn.open_table(JOURNAL))? else {
             return Ok(Vec::new());
         };
-        let mut out = Vec::new();
-        for row in t.range(rec.lock_entry..)? {
-            let (_, v) = row?;
-            let e: LedgerEntry = decode(JOURNAL_NAME, v.value(), MAX_LEDGER_ENTRY)?;
-            if e.task_id == Some(*task_id) {
-                out.push(e);
-            }
+        let corrupt = |reason: String| RailError::Corrupt {
+            table: ESCROWS_NAME,
+            reason,
+        };
+        let mut seqs = vec![rec.lock_entry];
+        for r in rec.receipt.iter().flat_map(|r| &r.body.tx_refs) {
+            let seq = r
+                .strip_prefix("local:")
+                .and_then(|n| n.parse::<u64>().ok())
+                .ok_or_else(|| corrupt(format!("task {task_id}: bad ledger reference {r:?}")))?;
+            seqs.push(seq);
+        }
+        let mut out = Vec::with_capacity(seqs.len());
+        for seq in seqs {
+            let row = t.get(seq)?.ok_or_else(|| {
+                corrupt(format!("task {task_id}: journal entry {seq} is missing"))
+            })?;
+            out.push(decode(JOURNAL_NAME, row.value(), MAX_LEDGER_ENTRY)?);
         }
         Ok(out)
     }

@@ -16,6 +16,13 @@
 //! transaction on the same database: redb has one writer at a time, and they would wait
 //! for it forever.
 //!
+//! An `_in` operation that refuses (a replay, insufficient funds, a bad plan …) has
+//! written nothing to the transaction: everything is checked before the first write. So
+//! a caller may run several operations in one transaction and commit once (group
+//! commit), keeping the ones that succeeded; only a storage error leaves the transaction
+//! unusable, and then it must be aborted. A durable commit costs milliseconds (an fsync),
+//! so grouping is how a busy gateway reaches high task rates (docs/BENCHMARKS.md).
+//!
 //! The methods are synchronous (a commit waits for an fsync); the [`Rail`] impl runs them
 //! when its future is polled. An async gateway may prefer to call the synchronous forms on
 //! a blocking thread.
@@ -166,6 +173,25 @@ impl<'t> Tables<'t> {
         Ok(new)
     }
 
+    /// Checks that crediting all of `credits` overflows no balance (it cannot while the
+    /// ledger balances, as no balance exceeds the minted total, but an operation checks
+    /// everything before its first write).
+    fn check_credits(&self, credits: &[(PublicKey, u64)]) -> Result<(), RailError> {
+        let mut totals = std::collections::BTreeMap::<PublicKey, u64>::new();
+        for (who, units) in credits {
+            let total = totals.entry(*who).or_default();
+            *total = total
+                .checked_add(*units)
+                .ok_or(RailError::Overflow("balance"))?;
+        }
+        for (who, units) in totals {
+            self.balance(&who)?
+                .checked_add(units)
+                .ok_or(RailError::Overflow("balance"))?;
+        }
+        Ok(())
+    }
+
     fn meta(&self, key: &str) -> Result<u64, RailError> {
         Ok(self.meta.get(key)?.map_or(0, |v| v.value()))
     }
@@ -173,9 +199,9 @@ impl<'t> Tables<'t> {
     /// Appends a journal entry (its `seq` is assigned here) and returns its number.
     fn append(&mut self, mut entry: LedgerEntry) -> Result<u64, RailError> {
         let seq = self.meta(META_NEXT_ENTRY)?;
+        let next = seq.checked_add(1).ok_or(RailError::Overflow("journal"))?;
         entry.seq = seq;
         self.journal.insert(seq, encode(&entry)?.as_slice())?;
-        let next = seq.checked_add(1).ok_or(RailError::Overflow("journal"))?;
         self.meta.insert(META_NEXT_ENTRY, next)?;
         Ok(seq)
     }
@@ -377,6 +403,7 @@ impl LocalRail {
                 .meta(META_MINTED)?
                 .checked_add(units)
                 .ok_or(RailError::Overflow("minted total"))?;
+            t.check_credits(&[(to, units)])?;
             let balance = t.credit(&to, units)?;
             t.meta.insert(META_MINTED, minted)?;
             t.append(entry(now, Account::Faucet, Account::Wallet(to), units))?;
@@ -593,25 +620,37 @@ impl LocalRail {
             EscrowState::Captured => return Err(RailError::PlanConflict(task_id)),
             EscrowState::Refunded => return Err(RailError::AlreadyRefunded(task_id)),
         }
+        // Everything that can be refused is checked, and the receipt signed, before the
+        // first write: a refused capture leaves `txn` untouched.
         let transfers = plan_transfers(rec.units, &self.address(), plan)?;
-        let mut tx_refs = Vec::with_capacity(transfers.len());
-        for tr in &transfers {
-            let field = match tr.role {
-                PayeeRole::Worker => "worker",
-                PayeeRole::Creator => "creator",
-                PayeeRole::Gateway => "gateway",
-                PayeeRole::Refund => "payer",
-            };
-            let to = parse_address(field, &tr.to)?;
-            t.credit(&to, tr.units)?;
-            let mut e = entry(now, Account::Escrow(task_id), Account::Wallet(to), tr.units);
+        let payees = transfers
+            .iter()
+            .map(|tr| {
+                let field = match tr.role {
+                    PayeeRole::Worker => "worker",
+                    PayeeRole::Creator => "creator",
+                    PayeeRole::Gateway => "gateway",
+                    PayeeRole::Refund => "payer",
+                };
+                Ok((parse_address(field, &tr.to)?, tr.units))
+            })
+            .collect::<Result<Vec<_>, RailError>>()?;
+        t.check_credits(&payees)?;
+        let first = t.meta(META_NEXT_ENTRY)?;
+        let tx_refs = (0..payees.len() as u64)
+            .map(|i| first.checked_add(i).map(tx_ref))
+            .collect::<Option<Vec<_>>>()
+            .ok_or(RailError::Overflow("journal"))?;
+        let receipt = self.sign_receipt(&rec, transfers.clone(), tx_refs, now)?;
+        for (tr, (to, units)) in transfers.iter().zip(&payees) {
+            t.credit(to, *units)?;
+            let mut e = entry(now, Account::Escrow(task_id), Account::Wallet(*to), *units);
             e.task_id = Some(task_id);
             e.role = Some(tr.role);
             e.claim_cid = tr.claim_cid;
             e.registration_cid = tr.registration_cid;
-            tx_refs.push(tx_ref(t.append(e)?));
+            t.append(e)?;
         }
-        let receipt = self.sign_receipt(&rec, transfers, tx_refs, now)?;
         rec.state = EscrowState::Captured;
         rec.plan_cid = Some(plan_cid);
         rec.receipt = Some(receipt.clone());
@@ -655,6 +694,16 @@ impl LocalRail {
             }
             EscrowState::Captured => return Err(RailError::AlreadyCaptured(task_id)),
         }
+        t.check_credits(&[(rec.payer, rec.units)])?;
+        let seq = t.meta(META_NEXT_ENTRY)?;
+        let transfers = vec![Transfer {
+            role: PayeeRole::Refund,
+            to: rec.payer.to_string(),
+            units: rec.units,
+            claim_cid: None,
+            registration_cid: None,
+        }];
+        let receipt = self.sign_receipt(&rec, transfers, vec![tx_ref(seq)], now)?;
         t.credit(&rec.payer, rec.units)?;
         let mut e = entry(
             now,
@@ -664,15 +713,7 @@ impl LocalRail {
         );
         e.task_id = Some(task_id);
         e.role = Some(PayeeRole::Refund);
-        let seq = t.append(e)?;
-        let transfers = vec![Transfer {
-            role: PayeeRole::Refund,
-            to: rec.payer.to_string(),
-            units: rec.units,
-            claim_cid: None,
-            registration_cid: None,
-        }];
-        let receipt = self.sign_receipt(&rec, transfers, vec![tx_ref(seq)], now)?;
+        t.append(e)?;
         rec.state = EscrowState::Refunded;
         rec.receipt = Some(receipt.clone());
         t.put_escrow(&rec)?;
