@@ -5,5 +5,6 @@ pub mod capstore;
 pub mod cli;
 pub mod config;
 pub mod keys;
+pub mod market;
 pub mod net;
 pub mod state;
