@@ -16,6 +16,9 @@
 //! transaction on the same database: redb has one writer at a time, and they would wait
 //! for it forever.
 //!
+//! The `_in` forms are as durable as the caller's transaction: keep redb's default
+//! (immediate) durability for it.
+//!
 //! An `_in` operation that refuses (a replay, insufficient funds, a bad plan …) has
 //! written nothing to the transaction: everything is checked before the first write. So
 //! a caller may run several operations in one transaction and commit once (group
