@@ -10,7 +10,14 @@
 //! - [`runner`]: a whole capability run (grants, snapshot, Wasm).
 
 pub mod executor;
+pub mod fetch;
+pub mod policy;
+pub mod proxy;
+pub mod snapshot;
 
 pub use executor::{
     ExecError, Executor, ExecutorConfig, Outcome, PreparedModule, RunLimits, TrapReason,
 };
+pub use fetch::{FetchConfig, FetchSnapshotter};
+pub use policy::{PolicyError, UrlPolicy};
+pub use snapshot::{Snapshot, SnapshotError};

@@ -5,6 +5,8 @@
 //! --test page_to_markdown` after an intended change (and rebuild the module first with
 //! `examples/page_to_markdown/build.sh --update`).
 
+#![allow(clippy::unwrap_used)]
+
 use std::path::{Path, PathBuf};
 
 use d402_capabilities::Manifest;

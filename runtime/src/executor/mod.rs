@@ -380,7 +380,7 @@ impl Executor {
         map.insert(prepared.cid, prepared.clone());
     }
 
-    fn from_memory(&self, cid: &Cid) -> Option<PreparedModule> {
+    fn in_memory(&self, cid: &Cid) -> Option<PreparedModule> {
         self.inner
             .modules
             .lock()
@@ -403,7 +403,7 @@ impl Executor {
 
     /// A module already compiled (in memory or on disk), without its bytes.
     pub fn cached(&self, cid: &Cid) -> Result<PreparedModule, ExecError> {
-        if let Some(p) = self.from_memory(cid) {
+        if let Some(p) = self.in_memory(cid) {
             return Ok(p);
         }
         let module = self
@@ -438,7 +438,7 @@ impl Executor {
             expected: cid.to_string(),
             actual: Cid::raw(wasm).to_string(),
         })?;
-        if let Some(p) = self.from_memory(cid) {
+        if let Some(p) = self.in_memory(cid) {
             return Ok((p, Source::Memory));
         }
         if let Some(module) = self
