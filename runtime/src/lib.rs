@@ -9,12 +9,14 @@
 //! - [`grants`]: what the operator permits, checked before any work;
 //! - [`runner`]: a whole capability run (grants, snapshot, Wasm).
 
+pub mod chromium;
 pub mod executor;
 pub mod fetch;
 pub mod policy;
 pub mod proxy;
 pub mod snapshot;
 
+pub use chromium::{ChromiumConfig, ChromiumSnapshotter};
 pub use executor::{
     ExecError, Executor, ExecutorConfig, Outcome, PreparedModule, RunLimits, TrapReason,
 };

@@ -111,6 +111,9 @@ pub enum SnapshotError {
     /// The whole snapshot took too long.
     #[error("snapshot took longer than {0:?}")]
     Timeout(Duration),
+    /// The browser's egress proxy refused the page or a redirect hop under the URL policy.
+    #[error("refused by the URL policy at the egress proxy: {0}")]
+    EgressRefused(String),
     /// The browser binary is not there.
     #[error("browser not found at {0}")]
     BrowserMissing(PathBuf),
@@ -129,6 +132,9 @@ impl SnapshotError {
     /// Whether the failure was the URL policy's refusal (never retried with another
     /// snapshotter: the same policy would refuse again).
     pub fn is_policy(&self) -> bool {
-        matches!(self, SnapshotError::Policy(_))
+        matches!(
+            self,
+            SnapshotError::Policy(_) | SnapshotError::EgressRefused(_)
+        )
     }
 }
