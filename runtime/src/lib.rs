@@ -12,8 +12,10 @@
 pub mod chromium;
 pub mod executor;
 pub mod fetch;
+pub mod grants;
 pub mod policy;
 pub mod proxy;
+pub mod runner;
 pub mod snapshot;
 
 pub use chromium::{ChromiumConfig, ChromiumSnapshotter};
@@ -21,5 +23,7 @@ pub use executor::{
     ExecError, Executor, ExecutorConfig, Outcome, PreparedModule, RunLimits, TrapReason,
 };
 pub use fetch::{FetchConfig, FetchSnapshotter};
+pub use grants::{GrantError, Grants};
 pub use policy::{PolicyError, UrlPolicy};
+pub use runner::{GivenSnapshot, RunError, RunOutput, Runner, Snapshotters};
 pub use snapshot::{Snapshot, SnapshotError};
