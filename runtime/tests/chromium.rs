@@ -132,7 +132,11 @@ async fn renders_a_javascript_built_page_and_converts_it_to_markdown() {
         _ => html("other"),
     })
     .await;
-    let snap = loopback_snapshotter(ChromiumConfig::default());
+    // Generous settle time: CI machines are loaded.
+    let snap = loopback_snapshotter(ChromiumConfig {
+        settle: Duration::from_millis(1500),
+        ..ChromiumConfig::default()
+    });
     let url = format!("http://{addr}/");
     let s = snap.snapshot(&url).await.unwrap();
     assert_eq!(s.snapshotter, SnapshotterKind::Playwright);
@@ -193,7 +197,7 @@ async fn the_pages_own_requests_go_through_the_url_policy() {
     })
     .await;
     let config = ChromiumConfig {
-        settle: Duration::from_millis(800),
+        settle: Duration::from_millis(2500),
         ..ChromiumConfig::default()
     };
     let snap = loopback_snapshotter(config);

@@ -47,6 +47,8 @@ pub enum CapabilityCommand {
     Import(ImportArgs),
     /// List the capabilities in a node's store, each verified.
     List(ListArgs),
+    /// Run a capability locally through the worker's executor (snapshot, Wasm, limits).
+    Run(super::capability_run::RunArgs),
 }
 
 /// `d402 capability template`.
@@ -175,6 +177,7 @@ pub fn run(cmd: CapabilityCommand) -> anyhow::Result<()> {
         CapabilityCommand::Verify(a) => verify(a),
         CapabilityCommand::Import(a) => import(a),
         CapabilityCommand::List(a) => list(a),
+        CapabilityCommand::Run(a) => super::capability_run::run(a),
     }
 }
 

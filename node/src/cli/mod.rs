@@ -4,6 +4,7 @@ use clap::{Parser, Subcommand};
 
 mod bench;
 mod capability;
+mod capability_run;
 mod node_cmd;
 mod peers;
 mod protocol;
