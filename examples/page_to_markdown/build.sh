@@ -43,6 +43,7 @@ m["implementation"]["cid"] = sys.argv[1]
 open("capability.json", "w").write(json.dumps(m, indent=2, ensure_ascii=False) + "\n")
 PY
   echo "updated: $new_cid ($(stat -c %s page_to_markdown.wasm) bytes)"
+  echo "now re-sign capability.registration.json (d402 capability register --file capability.json --namespace web …)"
   exit 0
 fi
 

@@ -113,3 +113,19 @@ fn a_module_that_is_not_the_manifests_is_refused() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("CID"), "{err}");
 }
+
+#[test]
+fn the_committed_registration_verifies_against_the_committed_manifest() {
+    let out = d402()
+        .args(["capability", "verify", "--file"])
+        .arg(example("capability.registration.json"))
+        .arg("--manifest")
+        .arg(example("capability.json"))
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
