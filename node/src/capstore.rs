@@ -167,12 +167,28 @@ pub struct BuiltinCapability {
     pub registration: Option<CapabilityRegistration>,
 }
 
-/// The capabilities built into this binary.
-///
-/// Hook for the runtime's `web.page_to_markdown@1`: once its module is built and committed,
-/// this returns its manifest and `include_bytes!` of the module. Until then it is empty.
+/// The capabilities built into this binary: `web.page_to_markdown@1` from
+/// `examples/page_to_markdown` (its manifest, its committed Wasm module and its signed
+/// registration). They are checked like any stored capability when resolved.
 pub fn builtin_capabilities() -> Vec<BuiltinCapability> {
-    Vec::new()
+    const MANIFEST: &[u8] = include_bytes!("../../examples/page_to_markdown/capability.json");
+    const WASM: &[u8] = include_bytes!("../../examples/page_to_markdown/page_to_markdown.wasm");
+    const REGISTRATION: &[u8] =
+        include_bytes!("../../examples/page_to_markdown/capability.registration.json");
+    let parsed = Manifest::from_json(MANIFEST).and_then(|manifest| {
+        CapabilityRegistration::from_json(REGISTRATION).map(|reg| (manifest, reg))
+    });
+    match parsed {
+        Ok((manifest, registration)) => vec![BuiltinCapability {
+            manifest,
+            wasm: WASM,
+            registration: Some(registration),
+        }],
+        Err(e) => {
+            tracing::error!(error = %e, "the built-in web.page_to_markdown@1 does not parse");
+            Vec::new()
+        }
+    }
 }
 
 /// Resolves `--offer id@version` for the node at `state`: the store first, then the
@@ -687,10 +703,10 @@ mod tests {
     #[test]
     fn missing_capability_has_a_clear_error() {
         let state = tempfile::tempdir().unwrap();
-        let cap: CapabilityRef = "web.page_to_markdown@1".parse().unwrap();
+        let cap: CapabilityRef = "web.page_to_markdown@2".parse().unwrap();
         let err = resolve_offer(state.path(), &cap).unwrap_err().to_string();
         assert!(
-            err.starts_with("capability web.page_to_markdown@1 is not in the store at "),
+            err.starts_with("capability web.page_to_markdown@2 is not in the store at "),
             "{err}"
         );
         assert!(err.contains("d402 capability import --state"), "{err}");
@@ -792,8 +808,19 @@ mod tests {
     #[test]
     fn builtins_are_real_or_absent() {
         // No fake entries: every built-in must verify.
-        for b in builtin_capabilities() {
+        let builtins = builtin_capabilities();
+        assert_eq!(
+            builtins.len(),
+            1,
+            "web.page_to_markdown@1 ships in the binary"
+        );
+        for b in builtins {
             resolve_builtin(b).unwrap();
         }
+        let empty = tempfile::tempdir().unwrap();
+        let cap: CapabilityRef = "web.page_to_markdown@1".parse().unwrap();
+        let found = resolve_offer(empty.path(), &cap).unwrap();
+        assert_eq!(found.source, Source::BuiltIn);
+        assert_eq!(found.manifest.implementation.cid, Cid::raw(&found.wasm));
     }
 }

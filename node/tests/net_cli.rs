@@ -323,3 +323,20 @@ fn peers_without_a_database_is_a_clear_error() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("no database"));
 }
+
+#[test]
+fn an_offer_that_does_not_resolve_stops_the_node_at_start() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = Command::new(D402)
+        .args(["node", "--host", "127.0.0.1", "--port", "0", "--state"])
+        .arg(dir.path())
+        .args(["--offer", "example.not_imported@1"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("--offer example.not_imported@1"), "{err}");
+    assert!(err.contains("d402 capability import"), "{err}");
+    // It never joined the network, so it made no identity key.
+    assert!(!dir.path().join("node.key").exists());
+}

@@ -66,6 +66,14 @@ async fn run_node(cfg: NodeConfig) -> anyhow::Result<()> {
     let _enter = span.enter();
     let state = State::open(&cfg.state_dir)
         .with_context(|| format!("cannot open state in {}", cfg.state_dir.display()))?;
+    // Every --offer must resolve (local store, then the built-in capabilities) before the
+    // node joins the network: a worker never announces what it cannot run.
+    let mut offers = Vec::with_capacity(cfg.offers.len());
+    for offer in &cfg.offers {
+        let resolved = capstore::resolve_offer(&cfg.state_dir, offer)
+            .with_context(|| format!("--offer {offer}"))?;
+        offers.push(resolved);
+    }
     let key = keys::load_or_create(&cfg.state_dir.join(NODE_KEY_FILE))?;
     let node = net::start(net_config(&cfg), &key, state.clone())
         .await
@@ -82,18 +90,13 @@ async fn run_node(cfg: NodeConfig) -> anyhow::Result<()> {
     );
 
     if roles.worker {
-        for offer in &cfg.offers {
-            match capstore::resolve_offer(&cfg.state_dir, offer) {
-                Ok(resolved) => {
-                    handle.provide(resolved.manifest_cid).await?;
-                    info!(%offer, manifest = %resolved.manifest_cid, "offer announced");
-                }
-                Err(e) => warn!(
-                    %offer,
-                    error = %e,
-                    "offer not announced: its manifest is not in the local capability store"
-                ),
-            }
+        for resolved in &offers {
+            handle.provide(resolved.manifest_cid).await?;
+            info!(
+                offer = %resolved.capability,
+                manifest = %resolved.manifest_cid,
+                "offer announced"
+            );
         }
     }
     if roles.gateway {
