@@ -333,3 +333,50 @@ fn compiled_modules_are_cached_on_disk_by_cid() {
     let (_, src) = c.prepare_traced(&cid, &bytes).unwrap();
     assert_eq!(src, Source::Compiled);
 }
+
+#[test]
+fn a_full_pool_answers_busy_instead_of_waiting() {
+    let ex = Executor::new(ExecutorConfig {
+        max_concurrent: 1,
+        ..ExecutorConfig::default()
+    })
+    .unwrap();
+    let (cid, bytes) = wasm(&abi_module("(loop $l (br $l)) (unreachable)"));
+    let looping = ex.prepare(&cid, &bytes).unwrap();
+    let (cid, bytes) = wasm(&abi_module(ECHO));
+    let echo = ex.prepare(&cid, &bytes).unwrap();
+    let long = RunLimits {
+        fuel: u64::MAX / 2,
+        wall_time: Duration::from_secs(3),
+        ..limits()
+    };
+    std::thread::scope(|s| {
+        let busy = s.spawn(|| ex.run(&looping, b"", &long).unwrap());
+        // Wait until the loop holds the only slot, then try a second run.
+        let mut saw_busy = false;
+        let until = Instant::now() + Duration::from_secs(3);
+        while Instant::now() < until {
+            match ex.run(&echo, b"x", &limits()) {
+                Err(ExecError::Busy(1)) => {
+                    saw_busy = true;
+                    break;
+                }
+                Ok(_) => std::thread::sleep(Duration::from_millis(5)),
+                Err(e) => panic!("{e}"),
+            }
+        }
+        assert!(saw_busy, "a second run never saw the pool full");
+        assert!(matches!(
+            busy.join().unwrap(),
+            Outcome::Trap {
+                reason: TrapReason::Deadline,
+                ..
+            }
+        ));
+    });
+    // The slot is free again.
+    assert!(matches!(
+        ex.run(&echo, b"x", &limits()).unwrap(),
+        Outcome::Ok { .. }
+    ));
+}
