@@ -4,7 +4,9 @@
 #
 # Until the paid-task devnet lands (see README "Status"), this runs what exists: it
 # publishes a capability exactly as the operator guide says (template, validate, signed
-# registration with a 10% creator commission) and verifies the registration.
+# registration with a 10% creator commission), verifies the registration, and runs the
+# built-in web.page_to_markdown@1 the way a worker does: headless Chromium snapshots a page
+# served on loopback and the sandboxed Wasm module turns it into Markdown.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
@@ -32,3 +34,18 @@ set -x
   --creator-evm-wallet 0x000000000000000000000000000000000000c0de \
   > capability.registration.json
 "$OLDPWD/$d402" capability verify --file capability.registration.json --manifest capability.json
+
+# A small page on loopback, snapshotted by Chromium and converted by the Wasm capability.
+set +x
+mkdir -p site && cp "$OLDPWD/examples/page_to_markdown/fixtures/blog_post.html" site/index.html
+port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
+python3 -m http.server "$port" --bind 127.0.0.1 --directory site >/dev/null 2>&1 &
+server=$!
+trap 'kill $server 2>/dev/null; rm -rf "$work"' EXIT
+for _ in $(seq 50); do (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null && break; sleep 0.1; done
+set -x
+"$OLDPWD/$d402" capability run \
+  --manifest "$OLDPWD/examples/page_to_markdown/capability.json" \
+  --wasm "$OLDPWD/examples/page_to_markdown/page_to_markdown.wasm" \
+  --input "{\"url\":\"http://127.0.0.1:$port/\"}" \
+  --snapshotter playwright --allow-loopback

@@ -13,5 +13,7 @@ say "cargo fmt --check"
 cargo fmt --all -- --check
 say "cargo clippy (all targets, -D warnings)"
 cargo clippy --workspace --all-targets --locked -- -D warnings
+say "web.page_to_markdown@1: rebuild from source and check the committed module's CID"
+bash examples/page_to_markdown/build.sh
 say "cargo test"
 cargo test --workspace --locked
