@@ -744,12 +744,7 @@ impl EventLoop {
     fn on_swarm_event(&mut self, event: SwarmEvent<BehaviourEvent>) {
         match event {
             SwarmEvent::Behaviour(ev) => self.on_behaviour_event(ev),
-            SwarmEvent::NewListenAddr { address, .. } => {
-                info!(%address, "listening");
-                if self.cfg.advertise.is_none() && self.announce_listen_addr(&address) {
-                    self.swarm.add_external_address(address);
-                }
-            }
+            SwarmEvent::NewListenAddr { address, .. } => self.on_new_listen_addr(address),
             SwarmEvent::ExpiredListenAddr { address, .. } => {
                 self.swarm.remove_external_address(&address);
             }
@@ -837,6 +832,14 @@ impl EventLoop {
             }
             SwarmEvent::ListenerError { error, .. } => warn!(%error, "listener error"),
             _ => {}
+        }
+    }
+
+    /// A listener came up: announce it unless `--advertise-host` replaces it.
+    pub(crate) fn on_new_listen_addr(&mut self, address: Multiaddr) {
+        info!(%address, "listening");
+        if self.cfg.advertise.is_none() && self.announce_listen_addr(&address) {
+            self.swarm.add_external_address(address);
         }
     }
 
@@ -1001,7 +1004,10 @@ impl EventLoop {
     fn on_kad_event(&mut self, event: kad::Event) {
         match event {
             kad::Event::OutboundQueryProgressed {
-                id, result, step, ..
+                id,
+                result,
+                step,
+                stats,
             } => match result {
                 kad::QueryResult::GetProviders(r) => {
                     let lookup = self.query_lookup.get(&id).copied();
@@ -1026,6 +1032,14 @@ impl EventLoop {
                         Err(e) => debug!(error = %e, "provider query ended with an error"),
                     }
                     if step.last {
+                        debug!(
+                            query = ?id,
+                            requests = stats.num_requests(),
+                            successes = stats.num_successes(),
+                            failures = stats.num_failures(),
+                            ms = stats.duration().map(|d| d.as_millis() as u64),
+                            "provider query done"
+                        );
                         self.query_lookup.remove(&id);
                         if let Some(l) = lookup
                             && let Some(lk) = self.lookups.get_mut(&l)

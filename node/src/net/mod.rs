@@ -215,7 +215,7 @@ pub async fn start(cfg: NetConfig, key: &SigningKey, state: State) -> Result<Nod
         addr: tcp.to_string(),
         reason: e.to_string(),
     })?;
-    let port = swarm::wait_tcp_port(&mut swarm, &tcp).await?;
+    let (port, first_listen) = swarm::wait_tcp_port(&mut swarm, &tcp).await?;
     if cfg.quic {
         let quic = quic_addr(cfg.listen_ip, port);
         if let Err(e) = swarm.listen_on(quic.clone()) {
@@ -225,6 +225,7 @@ pub async fn start(cfg: NetConfig, key: &SigningKey, state: State) -> Result<Nod
 
     let (tx, rx) = mpsc::channel(256);
     let mut event_loop = event_loop::EventLoop::new(swarm, rx, cfg, state, port)?;
+    event_loop.on_new_listen_addr(first_listen);
     event_loop.start_dialling();
     let task = tokio::spawn(event_loop.run().instrument(span));
     Ok(Node {

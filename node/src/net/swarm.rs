@@ -49,11 +49,12 @@ pub fn build(keypair: Keypair, cfg: &NetConfig) -> Result<Swarm<Behaviour>, NetE
 }
 
 /// Waits for the TCP listener on `requested` to come up and returns its port (the OS's
-/// choice when `requested` asked for port 0).
+/// choice when `requested` asked for port 0) and the listen address reported. The event
+/// loop must be given that address: the swarm reports it only once.
 pub async fn wait_tcp_port(
     swarm: &mut Swarm<Behaviour>,
     requested: &Multiaddr,
-) -> Result<u16, NetError> {
+) -> Result<(u16, Multiaddr), NetError> {
     let fail = |reason: String| NetError::Listen {
         addr: requested.to_string(),
         reason,
@@ -66,7 +67,7 @@ pub async fn wait_tcp_port(
                         Protocol::Tcp(port) => Some(port),
                         _ => None,
                     }) {
-                        return Ok(port);
+                        return Ok((port, address));
                     }
                 }
                 SwarmEvent::ListenerClosed { reason, .. } => {
