@@ -1,13 +1,31 @@
 //! The market: how a gateway buys work from workers it does not trust.
 //!
-//! This module holds the decisions, free of any transport so that they can be tested on
-//! their own and reused by the coordinator that drives them over libp2p:
+//! The decisions, free of any transport so that they can be tested on their own:
 //! - [`selection`]: which bids to lease, by price and reputation within the budget, and why
 //!   each other bid was not chosen;
 //! - [`quorum`]: when claims agree on an output, which claims are rejected, and when a
 //!   quorum has become impossible;
 //! - [`reputation`]: per-worker counters, the score that drives selection, and bans.
+//!
+//! Driven over libp2p request-response ([`crate::net::codec`]):
+//! - [`worker`]: bids, leases, runs and claims;
+//! - [`coordinator`]: the gateway's side, persisted in [`tasks`];
+//! - [`blobs`]: snapshots, manifests and modules by CID;
+//! - [`service`]: dispatches inbound requests from the bounded queue.
 
+pub mod blobs;
+pub mod coordinator;
 pub mod quorum;
 pub mod reputation;
 pub mod selection;
+pub mod service;
+pub mod tasks;
+pub mod worker;
+
+/// Now, in Unix milliseconds.
+pub fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}

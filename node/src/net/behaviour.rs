@@ -2,13 +2,12 @@
 //! enters the routing table, what is persisted, where offers are announced) is made in
 //! the event loop ([`super::event_loop`]).
 //!
+//! The market's request-response protocols (`/d402/bid/1`, `/d402/lease/1`,
+//! `/d402/claim/1`, `/d402/verdict/1`, `/d402/blob/1`) are one behaviour each, with the
+//! codec, caps and timeouts of [`super::codec`].
+//!
 //! Slots for later issues, each added as one more field here and one more arm in the event
 //! loop's `on_behaviour_event`:
-//! - the market's request-response protocols (`/d402/bid/1`, `/d402/lease/1`,
-//!   `/d402/claim/1`, `/d402/verdict/1`, `/d402/blob/1`): one
-//!   `libp2p::request_response::cbor::Behaviour<Req, Resp>` each, configured with the size
-//!   caps and timeouts in `d402_protocol::protocol_ids` (the cbor codec's
-//!   `set_request_size_maximum` / `set_response_size_maximum`);
 //! - NAT traversal: `relay::Behaviour` (server, on public nodes) and `relay::client`
 //!   (the transport half comes from `SwarmBuilder::with_relay_client`, see
 //!   [`super::swarm`]), `dcutr::Behaviour` and `autonat::v2` client/server.
@@ -20,9 +19,11 @@ use std::time::Duration;
 use libp2p::{
     StreamProtocol, connection_limits, identify,
     identity::Keypair,
-    kad, ping, rendezvous,
+    kad, ping, rendezvous, request_response,
     swarm::{NetworkBehaviour, behaviour::toggle::Toggle},
 };
+
+use super::codec::{self, BidProto, BlobProto, ClaimProto, D402Codec, LeaseProto, VerdictProto};
 
 use d402_protocol::protocol_ids;
 
@@ -32,6 +33,9 @@ pub const PROTOCOL_VERSION: &str = "/d402/1.0.0";
 
 /// Largest Kademlia message accepted (libp2p's default); a larger one closes that stream.
 pub const MAX_KAD_PACKET: usize = 16 * 1024;
+
+/// Most concurrent streams per connection of the bid, lease and claim protocols.
+pub const MARKET_STREAMS: usize = 32;
 
 /// How the behaviour is set up.
 #[derive(Debug, Clone)]
@@ -71,6 +75,16 @@ pub struct Behaviour {
     pub rendezvous_server: Toggle<rendezvous::server::Behaviour>,
     /// Rendezvous client (every other node).
     pub rendezvous_client: Toggle<rendezvous::client::Behaviour>,
+    /// `/d402/bid/1` (see [`codec`]).
+    pub bid: request_response::Behaviour<D402Codec<BidProto>>,
+    /// `/d402/lease/1`.
+    pub lease: request_response::Behaviour<D402Codec<LeaseProto>>,
+    /// `/d402/claim/1`.
+    pub claim: request_response::Behaviour<D402Codec<ClaimProto>>,
+    /// `/d402/verdict/1`.
+    pub verdict: request_response::Behaviour<D402Codec<VerdictProto>>,
+    /// `/d402/blob/1`.
+    pub blob: request_response::Behaviour<D402Codec<BlobProto>>,
 }
 
 impl Behaviour {
@@ -139,6 +153,11 @@ impl Behaviour {
             kad,
             rendezvous_server: server.into(),
             rendezvous_client: client.into(),
+            bid: codec::behaviour(MARKET_STREAMS),
+            lease: codec::behaviour(MARKET_STREAMS),
+            claim: codec::behaviour(MARKET_STREAMS),
+            verdict: codec::behaviour(8),
+            blob: codec::behaviour(8),
         }
     }
 }

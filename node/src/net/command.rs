@@ -7,7 +7,11 @@ use libp2p::{Multiaddr, PeerId};
 use serde::Serialize;
 use tokio::sync::{mpsc, oneshot};
 
-use super::NetError;
+use super::{
+    NetError,
+    codec::{BidProto, BlobProto, ClaimProto, LeaseProto, RrProtocol, VerdictProto},
+    market_rr::{Inbound, MarketOp, RrError, Wired},
+};
 
 /// A worker offering a capability, as a lookup found it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -117,6 +121,8 @@ pub(crate) enum Command {
         opts: LookupOptions,
         reply: oneshot::Sender<Vec<Provider>>,
     },
+    /// A market request-response operation (send a request, register the service queue).
+    Market(MarketOp),
     Shutdown(oneshot::Sender<()>),
 }
 
@@ -209,6 +215,86 @@ impl NetHandle {
     ) -> Result<Vec<Provider>, NetError> {
         self.ask(|reply| Command::FindProviders { cid, opts, reply })
             .await
+    }
+
+    /// Registers the market service: inbound bid, lease, claim, verdict and blob requests are
+    /// queued on the returned receiver, at most `capacity` at a time; past that they are
+    /// answered "busy" at once. Replaces any earlier registration.
+    pub async fn serve_market(&self, capacity: usize) -> Result<mpsc::Receiver<Inbound>, NetError> {
+        let (tx, rx) = mpsc::channel(capacity.max(1));
+        let op: MarketOp = Box::new(move |_, rr| rr.serve(tx));
+        self.tx
+            .send(Command::Market(op))
+            .await
+            .map_err(|_| NetError::Stopped)?;
+        Ok(rx)
+    }
+
+    /// Sends a request on market protocol `P` to `peer` (dialling `addrs` if needed) and
+    /// waits for the response; the protocol's timeout applies.
+    pub(crate) async fn request<P: Wired>(
+        &self,
+        peer: PeerId,
+        addrs: Vec<Multiaddr>,
+        request: P::Request,
+    ) -> Result<P::Response, RrError> {
+        let (tx, rx) = oneshot::channel();
+        let op: MarketOp = Box::new(move |swarm, rr| rr.send::<P>(swarm, peer, addrs, request, tx));
+        self.tx
+            .send(Command::Market(op))
+            .await
+            .map_err(|_| RrError::Stopped)?;
+        rx.await.map_err(|_| RrError::Stopped)?
+    }
+
+    /// Sends a signed bid request on `/d402/bid/1`.
+    pub async fn request_bid(
+        &self,
+        peer: PeerId,
+        addrs: Vec<Multiaddr>,
+        request: <BidProto as RrProtocol>::Request,
+    ) -> Result<<BidProto as RrProtocol>::Response, RrError> {
+        self.request::<BidProto>(peer, addrs, request).await
+    }
+
+    /// Sends a signed lease on `/d402/lease/1`.
+    pub async fn request_lease(
+        &self,
+        peer: PeerId,
+        addrs: Vec<Multiaddr>,
+        request: <LeaseProto as RrProtocol>::Request,
+    ) -> Result<<LeaseProto as RrProtocol>::Response, RrError> {
+        self.request::<LeaseProto>(peer, addrs, request).await
+    }
+
+    /// Sends a signed claim on `/d402/claim/1`.
+    pub async fn request_claim(
+        &self,
+        peer: PeerId,
+        addrs: Vec<Multiaddr>,
+        request: <ClaimProto as RrProtocol>::Request,
+    ) -> Result<<ClaimProto as RrProtocol>::Response, RrError> {
+        self.request::<ClaimProto>(peer, addrs, request).await
+    }
+
+    /// Asks a validator for a verdict on `/d402/verdict/1`.
+    pub async fn request_verdict(
+        &self,
+        peer: PeerId,
+        addrs: Vec<Multiaddr>,
+        request: <VerdictProto as RrProtocol>::Request,
+    ) -> Result<<VerdictProto as RrProtocol>::Response, RrError> {
+        self.request::<VerdictProto>(peer, addrs, request).await
+    }
+
+    /// Asks for a blob on `/d402/blob/1` (the caller checks the bytes against the CID).
+    pub async fn request_blob(
+        &self,
+        peer: PeerId,
+        addrs: Vec<Multiaddr>,
+        request: <BlobProto as RrProtocol>::Request,
+    ) -> Result<<BlobProto as RrProtocol>::Response, RrError> {
+        self.request::<BlobProto>(peer, addrs, request).await
     }
 
     /// Asks the event loop to stop. Returns when it has stopped accepting commands.

@@ -35,7 +35,9 @@ use super::{
     backoff::Backoff,
     behaviour::{Behaviour, BehaviourEvent, PROTOCOL_VERSION},
     capability_key::{self, KEY_LEN},
+    codec::{BidProto, BlobProto, ClaimProto, LeaseProto, VerdictProto},
     command::{BootstrapStatus, Command, LookupOptions, PeerSummary, Provider},
+    market_rr::MarketRr,
 };
 use crate::state::{KnownPeer, State, StateError};
 
@@ -184,6 +186,7 @@ pub(crate) struct EventLoop {
     rendezvous_queue: HashMap<PeerId, VecDeque<(Cid, u64)>>,
     last_kad_bootstrap: Option<Instant>,
     shutdown: Option<oneshot::Sender<()>>,
+    market: MarketRr,
 }
 
 impl EventLoop {
@@ -214,6 +217,7 @@ impl EventLoop {
             rendezvous_queue: HashMap::new(),
             last_kad_bootstrap: None,
             shutdown: None,
+            market: MarketRr::default(),
             cfg,
         };
         if let Some(adv) = el.cfg.advertise.clone() {
@@ -385,6 +389,9 @@ impl EventLoop {
                 Some(done) = self.persisting.next(), if !self.persisting.is_empty() => {
                     self.on_persisted(done)
                 }
+                Some(reply) = self.market.replies.next(), if !self.market.replies.is_empty() => {
+                    reply(self.swarm.behaviour_mut())
+                }
                 _ = tick.tick() => self.on_tick(),
             }
             if self.shutdown.is_some() {
@@ -519,6 +526,7 @@ impl EventLoop {
                 let _ = reply.send(());
             }
             Command::FindProviders { cid, opts, reply } => self.find_providers(cid, opts, reply),
+            Command::Market(op) => op(&mut self.swarm, &mut self.market),
             Command::Shutdown(reply) => self.shutdown = Some(reply),
         }
     }
@@ -887,6 +895,13 @@ impl EventLoop {
                 debug!(event = ?ev, "rendezvous point");
             }
             BehaviourEvent::Limits(never) => match never {},
+            BehaviourEvent::Bid(ev) => self.market.on_event::<BidProto>(&mut self.swarm, ev),
+            BehaviourEvent::Lease(ev) => self.market.on_event::<LeaseProto>(&mut self.swarm, ev),
+            BehaviourEvent::Claim(ev) => self.market.on_event::<ClaimProto>(&mut self.swarm, ev),
+            BehaviourEvent::Verdict(ev) => {
+                self.market.on_event::<VerdictProto>(&mut self.swarm, ev)
+            }
+            BehaviourEvent::Blob(ev) => self.market.on_event::<BlobProto>(&mut self.swarm, ev),
         }
     }
 

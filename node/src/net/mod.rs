@@ -19,10 +19,12 @@
 mod backoff;
 mod behaviour;
 pub mod capability_key;
+pub mod codec;
 mod command;
 mod error;
 mod event_loop;
 mod identity;
+mod market_rr;
 mod peer_addr;
 mod swarm;
 
@@ -39,6 +41,7 @@ pub use command::{BootstrapStatus, LookupOptions, NetHandle, PeerSummary, Provid
 pub use error::NetError;
 pub use event_loop::verified_addresses;
 pub use identity::{keypair_from_signing_key, peer_id_of, public_key_of};
+pub use market_rr::{Inbound, RrError};
 pub use peer_addr::PeerSpec;
 
 use crate::state::State;

@@ -1,0 +1,155 @@
+//! Content-addressed blobs a node serves over `/d402/blob/1` (snapshots it took or pinned,
+//! manifests and Wasm modules it offers), and fetching one from a peer.
+//!
+//! The store is in memory and bounded: pinned capability files stay; snapshots are evicted
+//! oldest first past [`BlobStore::new`]'s byte budget.
+
+use std::{
+    collections::{HashMap, VecDeque},
+    sync::{Arc, Mutex},
+};
+
+use d402_protocol::{Cid, messages::SnapshotMeta, protocol_ids::MAX_BLOB};
+use libp2p::{Multiaddr, PeerId};
+
+use crate::net::{
+    NetHandle, RrError,
+    codec::{BlobRequest, BlobResponse},
+};
+
+/// Why a blob could not be fetched.
+#[derive(Debug, thiserror::Error)]
+pub enum BlobError {
+    /// The request failed.
+    #[error("blob request failed: {0}")]
+    Net(#[from] RrError),
+    /// The peer does not have it.
+    #[error("the peer does not have {0}")]
+    NotFound(Cid),
+    /// The peer is busy.
+    #[error("the peer is busy")]
+    Busy,
+    /// The bytes do not hash to the CID.
+    #[error("the bytes served for {0} do not match it")]
+    Mismatch(Cid),
+}
+
+/// A held blob: its bytes and, for a snapshot, what it was.
+pub type Blob = (Arc<Vec<u8>>, Option<SnapshotMeta>);
+
+#[derive(Default)]
+struct Inner {
+    pinned: HashMap<Cid, Blob>,
+    cache: HashMap<Cid, Blob>,
+    order: VecDeque<Cid>,
+    cache_bytes: usize,
+}
+
+/// The node's blob store. Cheap to clone.
+#[derive(Clone)]
+pub struct BlobStore {
+    inner: Arc<Mutex<Inner>>,
+    budget: usize,
+}
+
+impl std::fmt::Debug for BlobStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("BlobStore")
+            .field("budget", &self.budget)
+            .finish()
+    }
+}
+
+impl BlobStore {
+    /// A store keeping at most `budget` bytes of evictable blobs (snapshots).
+    pub fn new(budget: usize) -> BlobStore {
+        BlobStore {
+            inner: Arc::default(),
+            budget,
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Keeps `bytes` for as long as the node runs (manifests, Wasm modules).
+    pub fn pin(&self, cid: Cid, bytes: Arc<Vec<u8>>) {
+        self.lock().pinned.insert(cid, (bytes, None));
+    }
+
+    /// Keeps `bytes` until evicted (snapshots). Blobs over [`MAX_BLOB`] are not kept.
+    pub fn put(&self, cid: Cid, bytes: Arc<Vec<u8>>, meta: Option<SnapshotMeta>) {
+        if bytes.len() > MAX_BLOB || bytes.len() > self.budget {
+            return;
+        }
+        let mut g = self.lock();
+        if g.cache.contains_key(&cid) || g.pinned.contains_key(&cid) {
+            return;
+        }
+        g.cache_bytes += bytes.len();
+        g.cache.insert(cid, (bytes, meta));
+        g.order.push_back(cid);
+        while g.cache_bytes > self.budget {
+            let Some(old) = g.order.pop_front() else {
+                break;
+            };
+            if let Some((b, _)) = g.cache.remove(&old) {
+                g.cache_bytes -= b.len();
+            }
+        }
+    }
+
+    /// The bytes of `cid`, if held.
+    pub fn get(&self, cid: &Cid) -> Option<Blob> {
+        let g = self.lock();
+        g.pinned.get(cid).or_else(|| g.cache.get(cid)).cloned()
+    }
+
+    /// The answer to a blob request.
+    pub fn answer(&self, req: &BlobRequest) -> BlobResponse {
+        match self.get(&req.cid) {
+            Some((bytes, snapshot)) => BlobResponse::Found {
+                bytes: bytes.as_ref().clone(),
+                snapshot,
+            },
+            None => BlobResponse::NotFound,
+        }
+    }
+}
+
+/// Fetches `cid` from `peer` and checks the bytes against it.
+pub async fn fetch(
+    net: &NetHandle,
+    peer: PeerId,
+    addrs: Vec<Multiaddr>,
+    cid: Cid,
+) -> Result<(Vec<u8>, Option<SnapshotMeta>), BlobError> {
+    match net.request_blob(peer, addrs, BlobRequest { cid }).await? {
+        BlobResponse::Found { bytes, snapshot } => {
+            cid.verify(&bytes).map_err(|_| BlobError::Mismatch(cid))?;
+            Ok((bytes, snapshot))
+        }
+        BlobResponse::NotFound => Err(BlobError::NotFound(cid)),
+        BlobResponse::Busy => Err(BlobError::Busy),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn evicts_oldest_past_budget_but_keeps_pinned() {
+        let s = BlobStore::new(10);
+        let a = Arc::new(vec![1u8; 6]);
+        let b = Arc::new(vec![2u8; 6]);
+        let p = Arc::new(vec![3u8; 100]);
+        s.pin(Cid::raw(&p), p.clone());
+        s.put(Cid::raw(&a), a.clone(), None);
+        s.put(Cid::raw(&b), b.clone(), None);
+        assert!(s.get(&Cid::raw(&a)).is_none());
+        assert!(s.get(&Cid::raw(&b)).is_some());
+        assert!(s.get(&Cid::raw(&p)).is_some());
+    }
+}

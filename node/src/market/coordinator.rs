@@ -1,0 +1,793 @@
+//! The gateway's coordinator: buys one task from untrusted workers.
+//!
+//! Bidding: candidates are the providers of the manifest CID (Kademlia and rendezvous) and
+//! the connected peers; bid requests go out in parallel; valid bids are ranked with
+//! [`selection::select`] within [`selection::per_worker_max`] of the budget (each bid not
+//! chosen is logged with its reason). Leasing: the primary (best bid) is leased first with
+//! no snapshot pinned; when its claim names a snapshot, the coordinator fetches it from the
+//! primary over `/d402/blob/1`, checks it is plausible (length, final URL host, status) and
+//! pins it; the next bids are leased with that snapshot CID and fetch it from this node.
+//! Every lease carries a fencing token, strictly increasing per task. A lease that times
+//! out or is refused is replaced by the next bid until the task's deadline. Claims are
+//! decided by [`quorum::decide`]; dissenting claims are rejected; outcomes go to
+//! [`Reputation`]. Each step is committed to the `tasks` table ([`super::tasks`]) before
+//! the next message goes out, and [`Coordinator::resume`] re-drives open tasks.
+
+use std::{
+    collections::{HashMap, HashSet},
+    sync::{Arc, Mutex},
+    time::Duration,
+};
+
+use d402_protocol::{
+    Cid, Signed, SigningKey, TaskId,
+    messages::{BidRequest, BidResponse, Claim, ClaimAck, Lease, LeaseAck},
+    types::MESSAGE_VERSION,
+};
+use futures::future::join_all;
+use libp2p::{Multiaddr, PeerId};
+use tokio::sync::Notify;
+use tracing::{Instrument, debug, info, info_span, warn};
+
+use super::{
+    blobs::{self, BlobStore},
+    now_ms,
+    quorum::{self, Decision, Vote},
+    reputation::{Outcome, Reputation},
+    selection::{self, Candidate},
+    tasks::{
+        BidRec, ClaimJudgement, ClaimRec, LeaseRec, LeaseStatus, Phase, TaskRecord, TaskSpec, Tasks,
+    },
+};
+use crate::{
+    net::{LookupOptions, NetHandle, public_key_of},
+    state::{State, StateError},
+};
+
+/// Why a claim was refused (the code leads the reason sent in [`ClaimAck::Refused`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ClaimRefusal {
+    /// No such task.
+    UnknownTask,
+    /// No lease with that CID was issued.
+    UnknownLease,
+    /// Not signed by the leased worker, or not sent by it.
+    BadSignature,
+    /// The claim's fencing token is not the lease's, or the lease was superseded.
+    StaleFencingToken,
+    /// The lease's deadline passed.
+    LeaseExpired,
+    /// The lease already has a claim.
+    Duplicate,
+    /// The claim is not over the pinned snapshot.
+    WrongSnapshot,
+    /// The task is closed.
+    TaskClosed,
+    /// Internal error (database).
+    Internal,
+}
+
+impl ClaimRefusal {
+    /// The stable code.
+    pub fn code(self) -> &'static str {
+        match self {
+            ClaimRefusal::UnknownTask => "unknown_task",
+            ClaimRefusal::UnknownLease => "unknown_lease",
+            ClaimRefusal::BadSignature => "bad_signature",
+            ClaimRefusal::StaleFencingToken => "stale_fencing_token",
+            ClaimRefusal::LeaseExpired => "lease_expired",
+            ClaimRefusal::Duplicate => "duplicate_claim",
+            ClaimRefusal::WrongSnapshot => "wrong_snapshot",
+            ClaimRefusal::TaskClosed => "task_closed",
+            ClaimRefusal::Internal => "internal",
+        }
+    }
+
+    fn ack(self) -> ClaimAck {
+        ClaimAck::Refused {
+            reason: self.code().to_string(),
+        }
+    }
+}
+
+impl From<StateError> for ClaimRefusal {
+    fn from(e: StateError) -> Self {
+        warn!(error = %e, "task database error");
+        ClaimRefusal::Internal
+    }
+}
+
+/// Errors of the coordinator.
+#[derive(Debug, thiserror::Error)]
+pub enum CoordinatorError {
+    /// The database failed.
+    #[error(transparent)]
+    State(#[from] StateError),
+    /// A message could not be signed or encoded.
+    #[error(transparent)]
+    Protocol(#[from] d402_protocol::ProtocolError),
+    /// The task id is taken.
+    #[error("task {0} exists")]
+    Exists(TaskId),
+    /// The task vanished.
+    #[error("task {0} not found")]
+    NotFound(TaskId),
+}
+
+/// Timers of the coordinator.
+#[derive(Debug, Clone)]
+pub struct CoordinatorConfig {
+    /// How long a lease runs before it is reassigned (capped by the task's deadline).
+    pub lease_timeout: Duration,
+    /// How long the provider lookup may take.
+    pub lookup_timeout: Duration,
+}
+
+impl Default for CoordinatorConfig {
+    fn default() -> Self {
+        CoordinatorConfig {
+            lease_timeout: Duration::from_secs(60),
+            lookup_timeout: Duration::from_secs(5),
+        }
+    }
+}
+
+struct Inner {
+    net: NetHandle,
+    key: SigningKey,
+    tasks: Tasks,
+    reputation: Reputation,
+    blobs: BlobStore,
+    cfg: CoordinatorConfig,
+    wake: Mutex<HashMap<TaskId, Arc<Notify>>>,
+}
+
+/// The coordinator. Cheap to clone.
+#[derive(Clone)]
+pub struct Coordinator {
+    inner: Arc<Inner>,
+}
+
+impl std::fmt::Debug for Coordinator {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Coordinator").finish()
+    }
+}
+
+fn peer_from(bytes: &[u8]) -> Option<PeerId> {
+    PeerId::from_bytes(bytes).ok()
+}
+
+impl Coordinator {
+    /// A coordinator signing with `key` (the node key), persisting in `state`.
+    pub fn new(
+        key: SigningKey,
+        net: NetHandle,
+        state: State,
+        reputation: Reputation,
+        blobs: BlobStore,
+        cfg: CoordinatorConfig,
+    ) -> Coordinator {
+        Coordinator {
+            inner: Arc::new(Inner {
+                key,
+                net,
+                tasks: Tasks::new(state),
+                reputation,
+                blobs,
+                cfg,
+                wake: Mutex::default(),
+            }),
+        }
+    }
+
+    /// The persisted tasks.
+    pub fn tasks(&self) -> &Tasks {
+        &self.inner.tasks
+    }
+
+    /// The reputation table.
+    pub fn reputation(&self) -> &Reputation {
+        &self.inner.reputation
+    }
+
+    fn notify(&self, id: &TaskId) -> Arc<Notify> {
+        self.inner
+            .wake
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .entry(*id)
+            .or_default()
+            .clone()
+    }
+
+    /// Runs a new task to its end and returns its final record.
+    pub async fn run_task(&self, spec: TaskSpec) -> Result<TaskRecord, CoordinatorError> {
+        let id = spec.task_id;
+        if !self.inner.tasks.create(&TaskRecord::new(spec, now_ms()))? {
+            return Err(CoordinatorError::Exists(id));
+        }
+        self.drive(id).await
+    }
+
+    /// Re-drives every open task in the background (call once at start).
+    pub fn resume(&self) -> Result<Vec<TaskId>, CoordinatorError> {
+        let mut ids = Vec::new();
+        for rec in self.inner.tasks.all()? {
+            if rec.phase.is_terminal() {
+                continue;
+            }
+            let id = rec.spec.task_id;
+            info!(task = %id, phase = ?rec.phase, "resuming task");
+            ids.push(id);
+            let me = self.clone();
+            tokio::spawn(async move {
+                if let Err(e) = me.drive(id).await {
+                    warn!(task = %id, error = %e, "resumed task failed");
+                }
+            });
+        }
+        Ok(ids)
+    }
+
+    /// Drives a task from its persisted phase to its end.
+    pub async fn drive(&self, id: TaskId) -> Result<TaskRecord, CoordinatorError> {
+        let span = info_span!("task", task = %id);
+        async {
+            loop {
+                let rec = self
+                    .inner
+                    .tasks
+                    .get(&id)?
+                    .ok_or(CoordinatorError::NotFound(id))?;
+                match rec.phase {
+                    Phase::Bidding => self.bid_round(&rec).await?,
+                    Phase::Leasing => {
+                        if let Some(done) = self.lease_step(&rec).await? {
+                            return Ok(done);
+                        }
+                    }
+                    Phase::Accepted | Phase::Failed { .. } => return Ok(rec),
+                }
+            }
+        }
+        .instrument(span)
+        .await
+    }
+
+    async fn candidates(&self, spec: &TaskSpec) -> Vec<(PeerId, Vec<Multiaddr>)> {
+        let net = &self.inner.net;
+        let mut out: Vec<(PeerId, Vec<Multiaddr>)> = Vec::new();
+        let mut seen = HashSet::new();
+        seen.insert(net.local_peer_id());
+        let opts = LookupOptions {
+            limit: None,
+            timeout: self.inner.cfg.lookup_timeout,
+        };
+        if let Ok(found) = net.find_providers(spec.manifest_cid, opts).await {
+            for p in found {
+                if seen.insert(p.peer_id) {
+                    out.push((p.peer_id, p.addrs));
+                }
+            }
+        }
+        if let Ok(conn) = net.connected_peers().await {
+            for p in conn {
+                if seen.insert(p) {
+                    out.push((p, Vec::new()));
+                }
+            }
+        }
+        out
+    }
+
+    async fn bid_round(&self, rec: &TaskRecord) -> Result<(), CoordinatorError> {
+        let spec = &rec.spec;
+        let inner = &self.inner;
+        let fanout = spec.fanout.max(1) as usize;
+        let max_each = selection::per_worker_max(spec.budget.units, fanout);
+        let req = Signed::sign(
+            BidRequest {
+                v: MESSAGE_VERSION,
+                task_id: spec.task_id,
+                capability: spec.capability.clone(),
+                manifest_cid: spec.manifest_cid,
+                input_cid: Cid::raw(&spec.input),
+                input_len: spec.input.len() as u64,
+                rail: spec.rail,
+                max_price: d402_protocol::Amount {
+                    asset: spec.budget.asset.clone(),
+                    units: max_each,
+                },
+                deadline: spec.deadline,
+            },
+            &inner.key,
+        )?;
+        let request_cid = req.cid()?;
+        let cands = self.candidates(spec).await;
+        info!(candidates = cands.len(), "requesting bids");
+        let answers = join_all(cands.into_iter().map(|(peer, addrs)| {
+            let req = req.clone();
+            async move { (peer, inner.net.request_bid(peer, addrs, req).await) }
+        }))
+        .await;
+        let now = now_ms();
+        let mut valid = Vec::new();
+        for (peer, answer) in answers {
+            match answer {
+                Ok(BidResponse::Bid(bid)) => {
+                    let ok = public_key_of(&peer)
+                        .ok()
+                        .filter(|k| bid.verify_from(k).is_ok())
+                        .is_some()
+                        && bid.body.request_cid == request_cid
+                        && bid.body.task_id == spec.task_id
+                        && bid.body.manifest_cid == spec.manifest_cid
+                        && bid.body.rail == spec.rail
+                        && bid.body.price.asset == spec.budget.asset
+                        && bid.body.expires_at > now;
+                    if ok {
+                        valid.push((peer, *bid));
+                    } else {
+                        warn!(%peer, "bid refused: bad signature or does not match the request");
+                    }
+                }
+                Ok(BidResponse::Declined(reason)) => {
+                    info!(%peer, ?reason, "bid request declined");
+                    if let Ok(k) = public_key_of(&peer)
+                        && let Err(e) = inner.reputation.record(&k.0, Outcome::Declined, now)
+                    {
+                        warn!(error = %e, "cannot record a decline");
+                    }
+                }
+                Err(e) => debug!(%peer, error = %e, "no bid"),
+            }
+        }
+        let mut cands = Vec::new();
+        for (i, (_, bid)) in valid.iter().enumerate() {
+            let record = inner.reputation.get(&bid.signer.0)?;
+            cands.push(Candidate {
+                worker: (bid.signer.0, i),
+                price: bid.body.price.units,
+                score: record.score(),
+                ineligible: record.ineligible(now, inner.reputation.policy()),
+            });
+        }
+        let sel = selection::select(cands, fanout, max_each);
+        for (c, why) in &sel.passed {
+            info!(worker = %hex::encode(c.worker.0), price = c.price, reason = ?why, "bid not chosen");
+        }
+        let order: Vec<usize> = sel
+            .chosen
+            .iter()
+            .chain(sel.replacements())
+            .map(|c| c.worker.1)
+            .collect();
+        let mut bids = Vec::new();
+        for i in order {
+            let (peer, bid) = &valid[i];
+            bids.push(BidRec {
+                peer: peer.to_bytes(),
+                bid_cid: bid.cid()?,
+                bid: bid.clone(),
+                used: false,
+            });
+        }
+        info!(bids = bids.len(), chosen = sel.chosen.len(), "bids ranked");
+        inner.tasks.update(&spec.task_id, |r| {
+            r.bids = bids;
+            r.phase = if r.bids.is_empty() {
+                Phase::Failed {
+                    reason: "no usable bids".into(),
+                }
+            } else {
+                Phase::Leasing
+            };
+            r.updated_at = now;
+            Ok::<_, CoordinatorError>(())
+        })?;
+        Ok(())
+    }
+
+    /// One pass of the leasing phase: expire, decide, pin, lease more, wait. Returns the
+    /// final record when the task ends.
+    async fn lease_step(&self, rec: &TaskRecord) -> Result<Option<TaskRecord>, CoordinatorError> {
+        let inner = &self.inner;
+        let id = rec.spec.task_id;
+        let notify = self.notify(&id);
+        let notified = notify.notified();
+        let now = now_ms();
+
+        // 1. Expire leases past their deadline (and the task past its own).
+        let expired = inner
+            .tasks
+            .update(&id, |r| {
+                let mut gone = Vec::new();
+                for l in r.leases.iter_mut() {
+                    if l.is_open() && l.lease.body.deadline <= now {
+                        l.status = LeaseStatus::Expired;
+                        gone.push(l.lease.body.worker);
+                    }
+                }
+                if now >= r.spec.deadline {
+                    r.phase = Phase::Failed {
+                        reason: "deadline passed without a quorum".into(),
+                    };
+                }
+                Ok::<_, CoordinatorError>(gone)
+            })?
+            .unwrap_or_default();
+        for w in expired {
+            info!(worker = %hex::encode(w.0), "lease timed out; reassigning");
+            inner.reputation.record(&w.0, Outcome::TimedOut, now)?;
+        }
+
+        // 2. Pin the primary's snapshot once its claim is in.
+        let rec = inner
+            .tasks
+            .get(&id)?
+            .ok_or(CoordinatorError::NotFound(id))?;
+        if rec.phase.is_terminal() {
+            return Ok(Some(rec));
+        }
+        if !rec.primary_done
+            && let Some(first) = rec
+                .claims
+                .iter()
+                .find(|c| c.judgement == ClaimJudgement::Pending)
+        {
+            self.pin_primary(&rec, &first.claim).await?;
+            return Ok(None);
+        }
+
+        // 3. Decide.
+        let votes: Vec<Vote<[u8; 32]>> = rec
+            .claims
+            .iter()
+            .filter(|c| c.judgement != ClaimJudgement::Unusable)
+            .map(|c| Vote {
+                worker: c.claim.signer.0,
+                output_cid: c.claim.body.output_cid,
+                snapshot_cid: c.claim.body.snapshot_cid,
+            })
+            .collect();
+        let open = rec.leases.iter().filter(|l| l.is_open()).count();
+        if let Decision::Accepted {
+            output_cid,
+            agreeing,
+            dissenting,
+            ..
+        } = quorum::decide(&votes, rec.spec.quorum as usize, open)
+        {
+            let done = inner
+                .tasks
+                .update(&id, |r| {
+                    for c in r.claims.iter_mut() {
+                        c.judgement = if c.claim.body.output_cid == output_cid {
+                            ClaimJudgement::Accepted
+                        } else {
+                            ClaimJudgement::Rejected
+                        };
+                    }
+                    r.accepted_output = Some(output_cid);
+                    r.phase = Phase::Accepted;
+                    r.updated_at = now;
+                    Ok::<_, CoordinatorError>(r.clone())
+                })?
+                .ok_or(CoordinatorError::NotFound(id))?;
+            for w in &agreeing {
+                inner.reputation.record(w, Outcome::Accepted, now)?;
+            }
+            for w in &dissenting {
+                info!(worker = %hex::encode(w), "claim rejected: disagrees with the quorum");
+                inner.reputation.record(w, Outcome::Rejected, now)?;
+            }
+            info!(output = %output_cid, agreeing = agreeing.len(), "task accepted");
+            return Ok(Some(done));
+        }
+
+        // 4. Lease more: the primary alone first, then up to `fanout` live leases + claims.
+        let usable_claims = votes.len();
+        let want = if !rec.primary_done {
+            usize::from(open == 0)
+        } else {
+            (rec.spec.fanout as usize)
+                .max(rec.spec.quorum as usize)
+                .saturating_sub(open + usable_claims)
+        };
+        if want > 0 {
+            let sent = self.lease_next(&rec, want).await?;
+            if sent == 0 && open == 0 {
+                let r = inner
+                    .tasks
+                    .update(&id, |r| {
+                        r.phase = Phase::Failed {
+                            reason: "no bidders left to lease".into(),
+                        };
+                        Ok::<_, CoordinatorError>(r.clone())
+                    })?
+                    .ok_or(CoordinatorError::NotFound(id))?;
+                warn!("no bidders left; task failed");
+                return Ok(Some(r));
+            }
+            if sent > 0 {
+                return Ok(None);
+            }
+        }
+
+        // 5. Wait for a claim, the next lease deadline or the task deadline.
+        let next = rec
+            .leases
+            .iter()
+            .filter(|l| l.is_open())
+            .map(|l| l.lease.body.deadline)
+            .chain([rec.spec.deadline])
+            .min()
+            .unwrap_or(rec.spec.deadline);
+        let wait = Duration::from_millis(next.saturating_sub(now_ms()).clamp(1, 1000));
+        let _ = tokio::time::timeout(wait, notified).await;
+        Ok(None)
+    }
+
+    async fn pin_primary(
+        &self,
+        rec: &TaskRecord,
+        claim: &Signed<Claim>,
+    ) -> Result<(), CoordinatorError> {
+        let inner = &self.inner;
+        let id = rec.spec.task_id;
+        let c = &claim.body;
+        let mut usable = true;
+        if let (Some(cid), Some(meta)) = (c.snapshot_cid, &c.snapshot) {
+            let peer = rec
+                .leases
+                .iter()
+                .find(|l| Some(l.lease_cid) == Some(c.lease_cid))
+                .and_then(|l| peer_from(&l.peer));
+            let fetched = match peer {
+                Some(p) => blobs::fetch(&inner.net, p, Vec::new(), cid).await.ok(),
+                None => None,
+            };
+            match fetched {
+                Some((bytes, _)) if plausible(&rec.spec.input, meta, bytes.len()) => {
+                    inner.blobs.put(cid, Arc::new(bytes), Some(meta.clone()));
+                    info!(snapshot = %cid, "primary snapshot pinned");
+                }
+                _ => {
+                    warn!(snapshot = %cid, "primary snapshot unavailable or implausible");
+                    usable = false;
+                }
+            }
+        }
+        inner.tasks.update(&id, |r| {
+            if usable {
+                r.primary_done = true;
+                r.pinned = c.snapshot_cid;
+            } else if let Some(x) = r
+                .claims
+                .iter_mut()
+                .find(|x| x.claim.body.lease_cid == c.lease_cid)
+            {
+                x.judgement = ClaimJudgement::Unusable;
+            }
+            Ok::<_, CoordinatorError>(())
+        })?;
+        Ok(())
+    }
+
+    /// Leases up to `want` unused bids (persisting each lease before sending); returns how
+    /// many were sent.
+    async fn lease_next(&self, rec: &TaskRecord, want: usize) -> Result<usize, CoordinatorError> {
+        let inner = &self.inner;
+        let id = rec.spec.task_id;
+        let now = now_ms();
+        let lease_deadline = now
+            .saturating_add(inner.cfg.lease_timeout.as_millis() as u64)
+            .min(rec.spec.deadline);
+        let busy: HashSet<[u8; 32]> = rec
+            .leases
+            .iter()
+            .filter(|l| l.is_open() || l.status == LeaseStatus::Claimed)
+            .map(|l| l.lease.body.worker.0)
+            .collect();
+        let key = inner.key.clone();
+        let to_send = inner
+            .tasks
+            .update(&id, |r| {
+                let mut out = Vec::new();
+                let pinned = r.pinned;
+                for i in 0..r.bids.len() {
+                    if out.len() >= want {
+                        break;
+                    }
+                    let b = &r.bids[i];
+                    if b.used || busy.contains(&b.bid.signer.0) || b.bid.body.expires_at <= now {
+                        continue;
+                    }
+                    let lease = Signed::sign(
+                        Lease {
+                            v: MESSAGE_VERSION,
+                            task_id: r.spec.task_id,
+                            worker: b.bid.signer,
+                            bid_cid: b.bid_cid,
+                            manifest_cid: r.spec.manifest_cid,
+                            input: r.spec.input.clone(),
+                            snapshot_cid: pinned,
+                            price: b.bid.body.price.clone(),
+                            deadline: lease_deadline,
+                            fencing_token: r.next_token,
+                        },
+                        &key,
+                    )?;
+                    r.next_token += 1;
+                    let rec = LeaseRec {
+                        peer: b.peer.clone(),
+                        lease_cid: lease.cid()?,
+                        lease,
+                        status: LeaseStatus::Sent,
+                    };
+                    r.bids[i].used = true;
+                    out.push(rec.clone());
+                    r.leases.push(rec);
+                }
+                r.updated_at = now;
+                Ok::<_, CoordinatorError>(out)
+            })?
+            .unwrap_or_default();
+        let results = join_all(to_send.iter().map(|l| async move {
+            let peer = peer_from(&l.peer);
+            let ack = match peer {
+                Some(p) => {
+                    inner
+                        .net
+                        .request_lease(p, Vec::new(), l.lease.clone())
+                        .await
+                }
+                None => Err(crate::net::RrError::Dial("bad peer id".into())),
+            };
+            (l.lease_cid, ack)
+        }))
+        .await;
+        let mut accepted = 0;
+        let statuses: Vec<(Cid, LeaseStatus)> = results
+            .into_iter()
+            .map(|(cid, ack)| {
+                let s = match ack {
+                    Ok(LeaseAck::Accepted) => {
+                        accepted += 1;
+                        LeaseStatus::Accepted
+                    }
+                    Ok(LeaseAck::Refused { reason }) => {
+                        info!(lease = %cid, %reason, "lease refused");
+                        LeaseStatus::Refused
+                    }
+                    Err(e) => {
+                        info!(lease = %cid, error = %e, "lease not delivered");
+                        LeaseStatus::Refused
+                    }
+                };
+                (cid, s)
+            })
+            .collect();
+        inner.tasks.update(&id, |r| {
+            for (cid, s) in &statuses {
+                if let Some(l) = r.leases.iter_mut().find(|l| l.lease_cid == *cid)
+                    && l.status == LeaseStatus::Sent
+                {
+                    l.status = *s;
+                }
+            }
+            Ok::<_, CoordinatorError>(())
+        })?;
+        debug!(sent = to_send.len(), accepted, "leases sent");
+        Ok(to_send.len())
+    }
+
+    /// Handles a claim from `peer`: checks it against the lease it names and records it
+    /// (committed before the acknowledgement).
+    pub fn on_claim(&self, peer: PeerId, claim: Signed<Claim>) -> ClaimAck {
+        match self.record_claim(peer, &claim) {
+            Ok(()) => {
+                self.notify(&claim.body.task_id).notify_one();
+                ClaimAck::Received
+            }
+            Err(r) => {
+                info!(%peer, task = %claim.body.task_id, reason = r.code(), "claim refused");
+                r.ack()
+            }
+        }
+    }
+
+    fn record_claim(&self, peer: PeerId, claim: &Signed<Claim>) -> Result<(), ClaimRefusal> {
+        let inner = &self.inner;
+        let c = &claim.body;
+        let now = now_ms();
+        let from = public_key_of(&peer).map_err(|_| ClaimRefusal::BadSignature)?;
+        claim
+            .verify_from(&from)
+            .map_err(|_| ClaimRefusal::BadSignature)?;
+        let late_judgement = inner
+            .tasks
+            .update(&c.task_id, |r| {
+                let accepted = r.accepted_output;
+                let phase = r.phase.clone();
+                let lease = r
+                    .leases
+                    .iter_mut()
+                    .find(|l| l.lease_cid == c.lease_cid)
+                    .ok_or(ClaimRefusal::UnknownLease)?;
+                if lease.lease.body.worker != claim.signer {
+                    return Err(ClaimRefusal::BadSignature);
+                }
+                if lease.lease.body.fencing_token != c.fencing_token {
+                    return Err(ClaimRefusal::StaleFencingToken);
+                }
+                match lease.status {
+                    LeaseStatus::Claimed => return Err(ClaimRefusal::Duplicate),
+                    LeaseStatus::Expired | LeaseStatus::Refused => {
+                        return Err(ClaimRefusal::StaleFencingToken);
+                    }
+                    LeaseStatus::Sent | LeaseStatus::Accepted => {}
+                }
+                if lease.lease.body.deadline <= now {
+                    return Err(ClaimRefusal::LeaseExpired);
+                }
+                if lease.lease.body.snapshot_cid.is_some()
+                    && c.snapshot_cid != lease.lease.body.snapshot_cid
+                {
+                    return Err(ClaimRefusal::WrongSnapshot);
+                }
+                if matches!(phase, Phase::Failed { .. }) {
+                    return Err(ClaimRefusal::TaskClosed);
+                }
+                lease.status = LeaseStatus::Claimed;
+                let judgement = match accepted {
+                    Some(out) if out == c.output_cid => ClaimJudgement::Accepted,
+                    Some(_) => ClaimJudgement::Rejected,
+                    None => ClaimJudgement::Pending,
+                };
+                r.claims.push(ClaimRec {
+                    claim: claim.clone(),
+                    judgement,
+                });
+                r.updated_at = now;
+                Ok(judgement)
+            })?
+            .ok_or(ClaimRefusal::UnknownTask)?;
+        match late_judgement {
+            ClaimJudgement::Accepted => {
+                inner
+                    .reputation
+                    .record(&claim.signer.0, Outcome::Accepted, now)?;
+            }
+            ClaimJudgement::Rejected => {
+                info!(%peer, "late claim rejected: disagrees with the accepted result");
+                inner
+                    .reputation
+                    .record(&claim.signer.0, Outcome::Rejected, now)?;
+            }
+            _ => {}
+        }
+        Ok(())
+    }
+}
+
+/// Whether a snapshot is plausible for the task: its length matches, its status is a
+/// success, and its final URL has the host of the input URL (when the input names one).
+pub fn plausible(input: &[u8], meta: &d402_protocol::messages::SnapshotMeta, len: usize) -> bool {
+    if meta.len != len as u64 || !(200..400).contains(&meta.status) {
+        return false;
+    }
+    let host_of = |u: &str| {
+        u.split_once("://").map(|(_, rest)| {
+            rest.split(['/', '?', '#'])
+                .next()
+                .unwrap_or("")
+                .to_ascii_lowercase()
+        })
+    };
+    match d402_runtime::runner::input_url(input) {
+        Ok(url) => host_of(&url) == host_of(&meta.final_url),
+        Err(_) => true,
+    }
+}

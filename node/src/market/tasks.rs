@@ -1,0 +1,285 @@
+//! The gateway's persisted tasks (`tasks` table): every step of a task is committed here
+//! before the next message goes out, so a restarted gateway resumes from the phase it was
+//! in.
+
+use d402_protocol::{
+    Amount, CapabilityRef, Cid, RailKind, Signed, TaskId, UnixMillis,
+    messages::{Bid, Claim, Lease},
+};
+use redb::{ReadableTable, TableDefinition};
+use serde::{Deserialize, Serialize};
+
+use crate::state::{State, StateError, decode, encode};
+
+/// Task rows: task id (16 bytes) → canonical CBOR of [`TaskRecord`].
+pub const TASKS: TableDefinition<&[u8], &[u8]> = TableDefinition::new("tasks");
+
+/// Largest encoded task record (a few claims of up to 4 MiB each).
+pub const MAX_TASK_RECORD: usize = 64 * 1024 * 1024;
+
+/// What the buyer asked for and the gateway's terms.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TaskSpec {
+    /// The task.
+    pub task_id: TaskId,
+    /// The capability.
+    pub capability: CapabilityRef,
+    /// The exact manifest.
+    pub manifest_cid: Cid,
+    /// The input.
+    #[serde(with = "serde_bytes")]
+    pub input: Vec<u8>,
+    /// The rail paid on.
+    pub rail: RailKind,
+    /// The most paid to all workers together.
+    pub budget: Amount,
+    /// Workers leased in parallel.
+    pub fanout: u32,
+    /// Agreeing claims needed.
+    pub quorum: u32,
+    /// When the result is due.
+    pub deadline: UnixMillis,
+}
+
+/// Where a task is.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Phase {
+    /// Asking for bids.
+    Bidding,
+    /// Leasing and collecting claims.
+    Leasing,
+    /// A quorum agreed.
+    Accepted,
+    /// Given up.
+    Failed {
+        /// Why.
+        reason: String,
+    },
+}
+
+impl Phase {
+    /// Whether the task is finished.
+    pub fn is_terminal(&self) -> bool {
+        matches!(self, Phase::Accepted | Phase::Failed { .. })
+    }
+}
+
+/// A bid received, in selection order (chosen first, then replacements).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct BidRec {
+    /// The bidder's PeerId bytes.
+    #[serde(with = "serde_bytes")]
+    pub peer: Vec<u8>,
+    /// The signed bid.
+    pub bid: Signed<Bid>,
+    /// Its CID.
+    pub bid_cid: Cid,
+    /// A lease was sent for it.
+    pub used: bool,
+}
+
+/// What became of a lease.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LeaseStatus {
+    /// Written, being sent.
+    Sent,
+    /// The worker accepted it.
+    Accepted,
+    /// The worker refused it or could not be reached.
+    Refused,
+    /// Its deadline passed without a claim (superseded by a replacement).
+    Expired,
+    /// Its claim arrived.
+    Claimed,
+}
+
+/// A lease issued.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct LeaseRec {
+    /// The worker's PeerId bytes.
+    #[serde(with = "serde_bytes")]
+    pub peer: Vec<u8>,
+    /// The signed lease.
+    pub lease: Signed<Lease>,
+    /// Its CID.
+    pub lease_cid: Cid,
+    /// Its status.
+    pub status: LeaseStatus,
+}
+
+impl LeaseRec {
+    /// Sent or accepted, claim not in yet.
+    pub fn is_open(&self) -> bool {
+        matches!(self.status, LeaseStatus::Sent | LeaseStatus::Accepted)
+    }
+}
+
+/// How a claim was judged.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ClaimJudgement {
+    /// Not decided yet.
+    Pending,
+    /// Agreed with the accepted result.
+    Accepted,
+    /// Disagreed with it.
+    Rejected,
+    /// Cannot count (its snapshot could not be fetched or is implausible).
+    Unusable,
+}
+
+/// A claim received.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ClaimRec {
+    /// The signed claim.
+    pub claim: Signed<Claim>,
+    /// How it was judged.
+    pub judgement: ClaimJudgement,
+}
+
+/// A task as the gateway persists it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TaskRecord {
+    /// The request.
+    pub spec: TaskSpec,
+    /// Where it is.
+    pub phase: Phase,
+    /// Bids, in selection order.
+    pub bids: Vec<BidRec>,
+    /// Leases, in order of issue.
+    pub leases: Vec<LeaseRec>,
+    /// Claims, in order of arrival.
+    pub claims: Vec<ClaimRec>,
+    /// The next fencing token (strictly increasing per task).
+    pub next_token: u64,
+    /// The primary's claim is in (with or without a snapshot).
+    pub primary_done: bool,
+    /// The snapshot pinned for the other workers.
+    pub pinned: Option<Cid>,
+    /// The accepted output.
+    pub accepted_output: Option<Cid>,
+    /// Last update.
+    pub updated_at: UnixMillis,
+}
+
+impl TaskRecord {
+    /// A new task in [`Phase::Bidding`].
+    pub fn new(spec: TaskSpec, now: UnixMillis) -> TaskRecord {
+        TaskRecord {
+            spec,
+            phase: Phase::Bidding,
+            bids: Vec::new(),
+            leases: Vec::new(),
+            claims: Vec::new(),
+            next_token: 1,
+            primary_done: false,
+            pinned: None,
+            accepted_output: None,
+            updated_at: now,
+        }
+    }
+}
+
+/// The `tasks` table.
+#[derive(Debug, Clone)]
+pub struct Tasks {
+    state: State,
+}
+
+impl Tasks {
+    /// The table in `state`.
+    pub fn new(state: State) -> Tasks {
+        Tasks { state }
+    }
+
+    /// Inserts a new task (refused if it exists).
+    pub fn create(&self, rec: &TaskRecord) -> Result<bool, StateError> {
+        let key = rec.spec.task_id.0;
+        let bytes = encode("tasks", rec)?;
+        self.state.write(|txn| {
+            let mut t = txn.open_table(TASKS)?;
+            if t.get(&key[..])?.is_some() {
+                return Ok(false);
+            }
+            t.insert(&key[..], bytes.as_slice())?;
+            Ok(true)
+        })
+    }
+
+    /// Reads a task.
+    pub fn get(&self, id: &TaskId) -> Result<Option<TaskRecord>, StateError> {
+        self.state.read(|txn| {
+            let t = match txn.open_table(TASKS) {
+                Ok(t) => t,
+                Err(redb::TableError::TableDoesNotExist(_)) => return Ok(None),
+                Err(e) => return Err(e.into()),
+            };
+            match t.get(&id.0[..])? {
+                Some(v) => Ok(Some(decode("tasks", v.value(), MAX_TASK_RECORD)?)),
+                None => Ok(None),
+            }
+        })
+    }
+
+    /// Reads, changes and writes a task in one transaction (committed before it returns).
+    /// `f` returning `Err` writes nothing.
+    pub fn update<R, E: From<StateError>>(
+        &self,
+        id: &TaskId,
+        f: impl FnOnce(&mut TaskRecord) -> Result<R, E>,
+    ) -> Result<Option<R>, E> {
+        let mut out = None;
+        let mut inner_err = None;
+        self.state
+            .write(|txn| {
+                let mut t = txn.open_table(TASKS)?;
+                let mut rec: TaskRecord = match t.get(&id.0[..])? {
+                    Some(v) => decode("tasks", v.value(), MAX_TASK_RECORD)?,
+                    None => return Ok(()),
+                };
+                match f(&mut rec) {
+                    Ok(r) => {
+                        let bytes = encode("tasks", &rec)?;
+                        t.insert(&id.0[..], bytes.as_slice())?;
+                        out = Some(r);
+                        Ok(())
+                    }
+                    Err(e) => {
+                        inner_err = Some(e);
+                        // Abort: nothing written.
+                        Err(StateError::Corrupt {
+                            table: "tasks",
+                            reason: "update aborted".into(),
+                        })
+                    }
+                }
+            })
+            .or_else(|e| match inner_err.is_some() {
+                true => Ok(()),
+                false => Err(e),
+            })?;
+        match inner_err {
+            Some(e) => Err(e),
+            None => Ok(out),
+        }
+    }
+
+    /// Every task (for resuming and `ops-monitor`).
+    pub fn all(&self) -> Result<Vec<TaskRecord>, StateError> {
+        self.state.read(|txn| {
+            let t = match txn.open_table(TASKS) {
+                Ok(t) => t,
+                Err(redb::TableError::TableDoesNotExist(_)) => return Ok(Vec::new()),
+                Err(e) => return Err(e.into()),
+            };
+            let mut out = Vec::new();
+            for row in t.iter()? {
+                let (_, v) = row?;
+                out.push(decode("tasks", v.value(), MAX_TASK_RECORD)?);
+            }
+            Ok(out)
+        })
+    }
+}

@@ -1,0 +1,496 @@
+//! The worker side of the market: bids, leases, runs, claims.
+//!
+//! - A bid request is answered with a signed bid only for an offered manifest CID, a
+//!   supported rail, a maximum at or above the floor, a deadline that can be met and a free
+//!   execution slot; otherwise with a typed [`DeclineReason`]. Every decline is logged and
+//!   counted ([`Worker::declines`]: "why idle").
+//! - A lease is accepted only if it is signed by the peer that sent it, names this worker,
+//!   carries the CID of a bid this worker issued to that same gateway for that task, matches
+//!   the bid (manifest, price) and neither the bid nor the lease has expired, and a slot is
+//!   free. The slot is held until the run ends.
+//! - The run: when the lease pins a snapshot, it is fetched by CID over `/d402/blob/1` from
+//!   the lease's signer (the gateway pins the primary's snapshot and serves it, see
+//!   docs/DECISIONS.md "Market") and the Wasm runs on it; otherwise the runtime takes its
+//!   own snapshot, which this worker then serves. The signed claim goes to the gateway on
+//!   `/d402/claim/1`, retried until the lease's deadline; past it the lease is abandoned.
+
+use std::{
+    collections::{BTreeMap, HashMap},
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicU64, Ordering},
+    },
+    time::Duration,
+};
+
+use d402_capabilities::Manifest;
+use d402_protocol::{
+    Amount, Cid, PublicKey, RailKind, Signed, SigningKey, Wallets,
+    messages::{
+        Bid, BidRequest, BidResponse, Claim, ClaimAck, DeclineReason, Lease, LeaseAck, SnapshotMeta,
+    },
+    types::MESSAGE_VERSION,
+};
+use d402_runtime::{GivenSnapshot, Runner};
+use libp2p::PeerId;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tracing::{Instrument, debug, info, info_span, warn};
+
+use super::{blobs, blobs::BlobStore, now_ms};
+use crate::net::{NetHandle, peer_id_of, public_key_of};
+
+/// A capability this worker sells.
+#[derive(Debug, Clone)]
+pub struct OfferedCapability {
+    /// The manifest.
+    pub manifest: Manifest,
+    /// Its CID (what bid requests must name).
+    pub manifest_cid: Cid,
+    /// The module (checked against the manifest by whoever built this).
+    pub wasm: Arc<Vec<u8>>,
+    /// The lowest price bid, in smallest units of `asset`.
+    pub floor: u64,
+    /// The asset the floor is in.
+    pub asset: String,
+}
+
+/// Faults a worker can be told to commit; only in builds with the `test-faults` feature
+/// (integration tests), never in a release binary.
+#[cfg(feature = "test-faults")]
+#[derive(Debug, Clone, Default)]
+pub struct Faults {
+    /// Corrupt every output (a lying worker).
+    pub corrupt_output: bool,
+    /// Wait this long after a run before claiming.
+    pub claim_delay: Duration,
+}
+
+/// How a worker runs.
+#[derive(Debug, Clone)]
+pub struct WorkerConfig {
+    /// What it sells.
+    pub offers: Vec<OfferedCapability>,
+    /// Rails it accepts.
+    pub rails: Vec<RailKind>,
+    /// Where to pay it, per chain.
+    pub payout: Wallets,
+    /// Runs at once (execution slots).
+    pub max_concurrent: usize,
+    /// How long a bid stays valid without a lease.
+    pub bid_ttl: Duration,
+    /// The least time before a request's deadline for a bid to be worth making.
+    pub min_lead: Duration,
+    /// Faults to commit (tests only).
+    #[cfg(feature = "test-faults")]
+    pub faults: Faults,
+}
+
+impl WorkerConfig {
+    /// A configuration with defaults for `offers`, paid on `rails` at `payout`.
+    pub fn new(offers: Vec<OfferedCapability>, rails: Vec<RailKind>, payout: Wallets) -> Self {
+        WorkerConfig {
+            offers,
+            rails,
+            payout,
+            max_concurrent: 4,
+            bid_ttl: Duration::from_secs(30),
+            min_lead: Duration::from_millis(500),
+            #[cfg(feature = "test-faults")]
+            faults: Faults::default(),
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+struct IssuedBid {
+    bid: Bid,
+    gateway: PublicKey,
+}
+
+struct Inner {
+    key: SigningKey,
+    me: PublicKey,
+    net: NetHandle,
+    runner: Runner,
+    cfg: WorkerConfig,
+    slots: Arc<Semaphore>,
+    bids: Mutex<HashMap<Cid, IssuedBid>>,
+    declines: Mutex<BTreeMap<String, u64>>,
+    blobs: BlobStore,
+    leases_accepted: AtomicU64,
+    claims_sent: AtomicU64,
+}
+
+/// A worker. Cheap to clone.
+#[derive(Clone)]
+pub struct Worker {
+    inner: Arc<Inner>,
+}
+
+impl std::fmt::Debug for Worker {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Worker")
+            .field("me", &self.inner.me)
+            .finish()
+    }
+}
+
+fn decline_name(d: &DeclineReason) -> &'static str {
+    match d {
+        DeclineReason::NotOffered => "not_offered",
+        DeclineReason::NoCapacity => "no_capacity",
+        DeclineReason::PriceBelowFloor { .. } => "price_below_floor",
+        DeclineReason::RailNotSupported => "rail_not_supported",
+        DeclineReason::ManifestRefused { .. } => "manifest_refused",
+        DeclineReason::DeadlineTooSoon => "deadline_too_soon",
+        DeclineReason::Busy => "busy",
+        DeclineReason::BadRequest { .. } => "bad_request",
+    }
+}
+
+fn refuse(reason: impl Into<String>) -> LeaseAck {
+    let mut reason = reason.into();
+    reason.truncate(d402_protocol::messages::MAX_REASON);
+    LeaseAck::Refused { reason }
+}
+
+impl Worker {
+    /// A worker signing with `key`, running with `runner`, serving its blobs from `blobs`.
+    /// The offered manifests and modules are pinned in `blobs` so that other operators can
+    /// fetch them by CID.
+    pub fn new(
+        key: SigningKey,
+        net: NetHandle,
+        runner: Runner,
+        cfg: WorkerConfig,
+        blobs: BlobStore,
+    ) -> Worker {
+        for o in &cfg.offers {
+            if let Ok(bytes) = o.manifest.to_canonical() {
+                blobs.pin(o.manifest_cid, Arc::new(bytes));
+            }
+            blobs.pin(o.manifest.implementation.cid, o.wasm.clone());
+        }
+        Worker {
+            inner: Arc::new(Inner {
+                me: PublicKey(key.verifying_key().to_bytes()),
+                key,
+                net,
+                runner,
+                slots: Arc::new(Semaphore::new(cfg.max_concurrent.max(1))),
+                cfg,
+                bids: Mutex::default(),
+                declines: Mutex::default(),
+                blobs,
+                leases_accepted: AtomicU64::new(0),
+                claims_sent: AtomicU64::new(0),
+            }),
+        }
+    }
+
+    /// Declines so far, by reason ("why idle").
+    pub fn declines(&self) -> BTreeMap<String, u64> {
+        self.inner
+            .declines
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// Leases accepted so far.
+    pub fn leases_accepted(&self) -> u64 {
+        self.inner.leases_accepted.load(Ordering::SeqCst)
+    }
+
+    /// Claims the gateway acknowledged so far.
+    pub fn claims_sent(&self) -> u64 {
+        self.inner.claims_sent.load(Ordering::SeqCst)
+    }
+
+    fn decline(&self, peer: &PeerId, req: &BidRequest, d: DeclineReason) -> BidResponse {
+        let name = decline_name(&d);
+        info!(%peer, task = %req.task_id, manifest = %req.manifest_cid, reason = name, detail = ?d, "bid request declined");
+        *self
+            .inner
+            .declines
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .entry(name.to_string())
+            .or_default() += 1;
+        BidResponse::Declined(d)
+    }
+
+    /// Answers a bid request from `peer`.
+    pub fn on_bid_request(&self, peer: PeerId, req: Signed<BidRequest>) -> BidResponse {
+        let inner = &self.inner;
+        let r = &req.body;
+        match public_key_of(&peer) {
+            Ok(k) if req.verify_from(&k).is_ok() => {}
+            _ => {
+                return self.decline(
+                    &peer,
+                    r,
+                    DeclineReason::BadRequest {
+                        reason: "not signed by the requesting peer".into(),
+                    },
+                );
+            }
+        }
+        let Some(offer) = inner
+            .cfg
+            .offers
+            .iter()
+            .find(|o| o.manifest_cid == r.manifest_cid)
+        else {
+            return self.decline(&peer, r, DeclineReason::NotOffered);
+        };
+        if let Err(e) = inner.runner.grants().check(&offer.manifest) {
+            return self.decline(
+                &peer,
+                r,
+                DeclineReason::ManifestRefused {
+                    reason: e.to_string(),
+                },
+            );
+        }
+        if !inner.cfg.rails.contains(&r.rail)
+            || !inner.cfg.payout.contains_key(&r.rail.payout_chain())
+        {
+            return self.decline(&peer, r, DeclineReason::RailNotSupported);
+        }
+        if r.max_price.asset != offer.asset || r.max_price.units < offer.floor {
+            return self.decline(
+                &peer,
+                r,
+                DeclineReason::PriceBelowFloor { floor: offer.floor },
+            );
+        }
+        let now = now_ms();
+        if r.deadline < now.saturating_add(inner.cfg.min_lead.as_millis() as u64) {
+            return self.decline(&peer, r, DeclineReason::DeadlineTooSoon);
+        }
+        if inner.slots.available_permits() == 0 {
+            return self.decline(&peer, r, DeclineReason::NoCapacity);
+        }
+        let request_cid = match req.cid() {
+            Ok(c) => c,
+            Err(e) => {
+                return self.decline(
+                    &peer,
+                    r,
+                    DeclineReason::BadRequest {
+                        reason: e.to_string(),
+                    },
+                );
+            }
+        };
+        let bid = Bid {
+            v: MESSAGE_VERSION,
+            task_id: r.task_id,
+            request_cid,
+            manifest_cid: r.manifest_cid,
+            price: Amount {
+                asset: offer.asset.clone(),
+                units: offer.floor,
+            },
+            rail: r.rail,
+            payout: inner.cfg.payout.clone(),
+            expires_at: now
+                .saturating_add(inner.cfg.bid_ttl.as_millis() as u64)
+                .min(r.deadline),
+        };
+        let signed = match Signed::sign(bid.clone(), &inner.key) {
+            Ok(s) => s,
+            Err(e) => {
+                warn!(error = %e, "cannot sign a bid");
+                return self.decline(
+                    &peer,
+                    r,
+                    DeclineReason::BadRequest {
+                        reason: e.to_string(),
+                    },
+                );
+            }
+        };
+        let Ok(bid_cid) = signed.cid() else {
+            return BidResponse::Declined(DeclineReason::Busy);
+        };
+        let mut bids = inner.bids.lock().unwrap_or_else(|p| p.into_inner());
+        bids.retain(|_, b| b.bid.expires_at > now);
+        bids.insert(
+            bid_cid,
+            IssuedBid {
+                bid,
+                gateway: req.signer,
+            },
+        );
+        debug!(%peer, task = %r.task_id, %bid_cid, "bid made");
+        BidResponse::Bid(Box::new(signed))
+    }
+
+    /// Answers a lease from `peer`; when accepted, the run starts in the background.
+    pub fn on_lease(&self, peer: PeerId, lease: Signed<Lease>) -> LeaseAck {
+        let inner = &self.inner;
+        let l = &lease.body;
+        let span = info_span!("lease", task = %l.task_id, %peer, token = l.fencing_token);
+        let _e = span.enter();
+        let Ok(gateway) = public_key_of(&peer) else {
+            return refuse("bad_signature: the peer has no ed25519 key");
+        };
+        if lease.verify_from(&gateway).is_err() {
+            return refuse("bad_signature: not signed by the requesting peer");
+        }
+        if l.worker != inner.me {
+            return refuse("not_for_me: the lease names another worker");
+        }
+        let now = now_ms();
+        let issued = {
+            let bids = inner.bids.lock().unwrap_or_else(|p| p.into_inner());
+            bids.get(&l.bid_cid).cloned()
+        };
+        let Some(issued) = issued else {
+            return refuse("unknown_bid: no bid of this worker has that CID");
+        };
+        if issued.gateway != gateway {
+            return refuse("unknown_bid: the bid was made to another gateway");
+        }
+        if issued.bid.expires_at <= now {
+            return refuse("bid_expired");
+        }
+        if issued.bid.task_id != l.task_id
+            || issued.bid.manifest_cid != l.manifest_cid
+            || issued.bid.price != l.price
+        {
+            return refuse("bid_mismatch: task, manifest or price differ from the bid");
+        }
+        if l.deadline <= now {
+            return refuse("lease_expired");
+        }
+        let Some(offer) = inner
+            .cfg
+            .offers
+            .iter()
+            .find(|o| o.manifest_cid == l.manifest_cid)
+            .cloned()
+        else {
+            return refuse("not_offered");
+        };
+        let Ok(permit) = inner.slots.clone().try_acquire_owned() else {
+            return refuse("no_capacity");
+        };
+        // One lease per bid.
+        inner
+            .bids
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&l.bid_cid);
+        inner.leases_accepted.fetch_add(1, Ordering::SeqCst);
+        info!("lease accepted");
+        let me = self.clone();
+        tokio::spawn(
+            async move { me.run_lease(lease, offer, peer, permit).await }.instrument(span.clone()),
+        );
+        LeaseAck::Accepted
+    }
+
+    async fn run_lease(
+        &self,
+        lease: Signed<Lease>,
+        offer: OfferedCapability,
+        gateway: PeerId,
+        _permit: OwnedSemaphorePermit,
+    ) {
+        let deadline = lease.body.deadline;
+        let left = Duration::from_millis(deadline.saturating_sub(now_ms()));
+        match tokio::time::timeout(left, self.run_and_claim(&lease, &offer, gateway)).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => warn!(error = %e, "lease failed; no claim"),
+            Err(_) => warn!("lease deadline passed; abandoned"),
+        }
+    }
+
+    async fn run_and_claim(
+        &self,
+        lease: &Signed<Lease>,
+        offer: &OfferedCapability,
+        gateway: PeerId,
+    ) -> anyhow::Result<()> {
+        let inner = &self.inner;
+        let l = &lease.body;
+        let pinned = match l.snapshot_cid {
+            Some(cid) => {
+                let (bytes, meta) = blobs::fetch(&inner.net, gateway, Vec::new(), cid).await?;
+                let meta = meta.ok_or_else(|| {
+                    anyhow::anyhow!("the pinned snapshot {cid} came without its metadata")
+                })?;
+                if meta.len != bytes.len() as u64 {
+                    anyhow::bail!("the pinned snapshot's length differs from its metadata");
+                }
+                Some((cid, bytes, meta))
+            }
+            None => None,
+        };
+        let given = pinned.as_ref().map(|(_, body, meta)| GivenSnapshot {
+            final_url: &meta.final_url,
+            body,
+        });
+        let out = inner
+            .runner
+            .run(&offer.manifest, &offer.wasm, &l.input, given)
+            .await?;
+        #[allow(unused_mut)]
+        let mut output = out.output;
+        #[cfg(feature = "test-faults")]
+        {
+            if inner.cfg.faults.corrupt_output {
+                output.extend_from_slice(b" (a lie)");
+            }
+            tokio::time::sleep(inner.cfg.faults.claim_delay).await;
+        }
+        let (snapshot_cid, snapshot): (Option<Cid>, Option<SnapshotMeta>) =
+            match (pinned, out.snapshot) {
+                (Some((cid, _, meta)), _) => (Some(cid), Some(meta)),
+                (None, Some(s)) => {
+                    let meta = s.meta();
+                    inner.blobs.put(s.cid, Arc::new(s.body), Some(meta.clone()));
+                    (Some(s.cid), Some(meta))
+                }
+                (None, None) => (None, None),
+            };
+        let claim = Claim {
+            v: MESSAGE_VERSION,
+            task_id: l.task_id,
+            lease_cid: lease.cid()?,
+            fencing_token: l.fencing_token,
+            output_cid: Cid::raw(&output),
+            output,
+            snapshot_cid,
+            snapshot,
+            fuel_used: out.fuel_used,
+            finished_at: now_ms(),
+        };
+        let signed = Signed::sign(claim, &inner.key)?;
+        let gw = peer_id_of(&lease.signer)?;
+        let mut delay = Duration::from_millis(200);
+        loop {
+            match inner
+                .net
+                .request_claim(gw, Vec::new(), signed.clone())
+                .await
+            {
+                Ok(ClaimAck::Received) => {
+                    inner.claims_sent.fetch_add(1, Ordering::SeqCst);
+                    info!(output = %signed.body.output_cid, "claim received by the gateway");
+                    return Ok(());
+                }
+                Ok(ClaimAck::Refused { reason }) if reason == "busy" => {}
+                Ok(ClaimAck::Refused { reason }) => {
+                    anyhow::bail!("claim refused: {reason}");
+                }
+                Err(e) => debug!(error = %e, "claim not delivered; retrying"),
+            }
+            tokio::time::sleep(delay).await;
+            delay = (delay * 2).min(Duration::from_secs(2));
+        }
+    }
+}

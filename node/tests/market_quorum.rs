@@ -1,0 +1,83 @@
+//! The market end to end on loopback with real nodes: honest workers reach a quorum, a
+//! lying worker is rejected and loses reputation.
+
+#![allow(clippy::unwrap_used)]
+
+mod market_support;
+
+use d402_node::market::{
+    reputation::Policy,
+    tasks::{ClaimJudgement, Phase},
+    worker::WorkerConfig,
+};
+use d402_protocol::RailKind;
+use market_support::*;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_honest_workers_fanout_3_quorum_2_accepted_and_all_recorded() {
+    let dirs: Vec<_> = (0..4).map(|_| tempfile::tempdir().unwrap()).collect();
+    let offer = echo_offer(10);
+    let mut workers = Vec::new();
+    for (i, d) in dirs[1..].iter().enumerate() {
+        let cfg = WorkerConfig::new(
+            vec![offer.clone()],
+            vec![RailKind::Local],
+            wallets(&format!("worker{i}")),
+        );
+        workers.push(start_worker(d.path(), cfg).await);
+    }
+    let gw = start_gateway(
+        dirs[0].path(),
+        seed(),
+        0,
+        coordinator_config(),
+        Policy::default(),
+    )
+    .await;
+    for w in &workers {
+        gw.net.connect(w.addr.clone()).await.unwrap();
+    }
+    let coord = gw.coordinator.clone().unwrap();
+    let spec = task(&offer, br#"{"n":1}"#, 3, 2);
+    let id = spec.task_id;
+    let done = tokio::time::timeout(TIMEOUT, coord.run_task(spec))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(done.phase, Phase::Accepted, "{done:?}");
+    assert!(done.accepted_output.is_some());
+    // The third claim may land after the decision; it is recorded and judged too.
+    let rec = eventually("all three claims recorded", || {
+        let c = coord.clone();
+        async move {
+            let r = c.tasks().get(&id).unwrap()?;
+            (r.claims.len() == 3).then_some(r)
+        }
+    })
+    .await;
+    assert!(
+        rec.claims
+            .iter()
+            .all(|c| c.judgement == ClaimJudgement::Accepted),
+        "{:?}",
+        rec.claims.iter().map(|c| c.judgement).collect::<Vec<_>>()
+    );
+    let tokens: Vec<u64> = rec
+        .leases
+        .iter()
+        .map(|l| l.lease.body.fencing_token)
+        .collect();
+    assert!(tokens.windows(2).all(|w| w[0] < w[1]), "{tokens:?}");
+    for w in &workers {
+        let key = d402_protocol::SigningKey::from_bytes(&w.seed);
+        let r = coord
+            .reputation()
+            .get(&key.verifying_key().to_bytes())
+            .unwrap();
+        assert_eq!(r.accepted, 1);
+    }
+    for w in workers {
+        w.stop().await;
+    }
+    gw.stop().await;
+}

@@ -1,0 +1,235 @@
+//! Shared helpers of the market integration tests: real nodes on loopback (own key, own
+//! redb in a temporary directory, OS-chosen ports), real wasmtime, a trivial capability.
+
+#![allow(dead_code, clippy::unwrap_used)]
+
+use std::{
+    collections::BTreeMap,
+    net::Ipv4Addr,
+    path::Path,
+    sync::Arc,
+    time::{Duration, Instant},
+};
+
+use d402_capabilities::Manifest;
+use d402_node::{
+    market::{
+        blobs::BlobStore,
+        coordinator::{Coordinator, CoordinatorConfig},
+        now_ms,
+        reputation::{Policy, Reputation},
+        service::{self, Services},
+        tasks::TaskSpec,
+        worker::{OfferedCapability, Worker, WorkerConfig},
+    },
+    net::{self, NetConfig, NetHandle, Node},
+    state::State,
+};
+use d402_protocol::{Amount, Chain, Cid, RailKind, SigningKey, TaskId};
+use d402_runtime::{Executor, ExecutorConfig, Grants, Runner, Snapshotters};
+use libp2p::{Multiaddr, multiaddr::Protocol};
+use tokio::task::JoinHandle;
+
+/// Generous: CI machines are small and busy.
+pub const TIMEOUT: Duration = Duration::from_secs(90);
+
+pub const ASSET: &str = "local:USDC";
+
+/// An echo module speaking d402-wasm-1: its output is its whole framed input.
+pub fn echo_wasm() -> Vec<u8> {
+    wat::parse_str(
+        r#"(module
+  (memory (export "memory") 2)
+  (func (export "d402_alloc") (param $len i32) (result i32) (i32.const 1024))
+  (func (export "d402_run") (param $ptr i32) (param $len i32) (result i64)
+    (i64.or (i64.shl (i64.extend_i32_u (local.get $ptr)) (i64.const 32))
+            (i64.extend_i32_u (local.get $len)))))"#,
+    )
+    .unwrap()
+}
+
+/// The trivial capability `test.echo@1`.
+pub fn echo_offer(floor: u64) -> OfferedCapability {
+    let wasm = echo_wasm();
+    let manifest = Manifest::template("test.echo", 1, Cid::raw(&wasm), Vec::new()).unwrap();
+    OfferedCapability {
+        manifest_cid: manifest.cid().unwrap(),
+        manifest,
+        wasm: Arc::new(wasm),
+        floor,
+        asset: ASSET.into(),
+    }
+}
+
+pub fn runner() -> Runner {
+    let executor = Executor::new(ExecutorConfig {
+        cache_dir: None,
+        max_concurrent: 2,
+        max_memory_bytes: 512 * 1024 * 1024,
+    })
+    .unwrap();
+    Runner::new(executor, Grants::permissive(), Snapshotters::default())
+}
+
+pub fn seed() -> [u8; 32] {
+    let mut s = [0u8; 32];
+    getrandom::fill(&mut s).unwrap();
+    s
+}
+
+/// A running node with its market service.
+pub struct MarketNode {
+    pub node: Node,
+    pub net: NetHandle,
+    pub addr: Multiaddr,
+    pub state: State,
+    pub seed: [u8; 32],
+    pub worker: Option<Worker>,
+    pub coordinator: Option<Coordinator>,
+    pub service: JoinHandle<()>,
+}
+
+impl MarketNode {
+    pub async fn stop(self) {
+        self.service.abort();
+        self.node.shutdown().await;
+    }
+}
+
+async fn start_net(dir: &Path, seed: [u8; 32], port: u16) -> (Node, NetHandle, Multiaddr, State) {
+    let state = State::open(dir).unwrap();
+    let mut cfg = NetConfig::new(Ipv4Addr::LOCALHOST.into(), port);
+    cfg.quic = false;
+    let node = net::start(cfg, &SigningKey::from_bytes(&seed), state.clone())
+        .await
+        .unwrap();
+    let net = node.handle();
+    let addr = net
+        .listen_addrs()
+        .await
+        .unwrap()
+        .into_iter()
+        .find(|a| a.iter().any(|p| matches!(p, Protocol::Tcp(_))))
+        .unwrap();
+    (node, net, addr, state)
+}
+
+pub fn wallets(name: &str) -> BTreeMap<Chain, String> {
+    [(Chain::Local, name.to_string())].into_iter().collect()
+}
+
+pub async fn start_worker(dir: &Path, cfg: WorkerConfig) -> MarketNode {
+    let seed = seed();
+    let (node, net, addr, state) = start_net(dir, seed, 0).await;
+    let blobs = BlobStore::new(64 * 1024 * 1024);
+    let worker = Worker::new(
+        SigningKey::from_bytes(&seed),
+        net.clone(),
+        runner(),
+        cfg,
+        blobs.clone(),
+    );
+    let service = service::serve(
+        &net,
+        Services {
+            worker: Some(worker.clone()),
+            coordinator: None,
+            blobs,
+        },
+        64,
+    )
+    .await
+    .unwrap();
+    MarketNode {
+        node,
+        net,
+        addr,
+        state,
+        seed,
+        worker: Some(worker),
+        coordinator: None,
+        service,
+    }
+}
+
+pub fn coordinator_config() -> CoordinatorConfig {
+    CoordinatorConfig {
+        lease_timeout: Duration::from_secs(20),
+        lookup_timeout: Duration::from_millis(500),
+    }
+}
+
+pub async fn start_gateway(
+    dir: &Path,
+    seed: [u8; 32],
+    port: u16,
+    cfg: CoordinatorConfig,
+    policy: Policy,
+) -> MarketNode {
+    let (node, net, addr, state) = start_net(dir, seed, port).await;
+    let blobs = BlobStore::new(64 * 1024 * 1024);
+    let coordinator = Coordinator::new(
+        SigningKey::from_bytes(&seed),
+        net.clone(),
+        state.clone(),
+        Reputation::new(state.clone(), policy),
+        blobs.clone(),
+        cfg,
+    );
+    let service = service::serve(
+        &net,
+        Services {
+            worker: None,
+            coordinator: Some(coordinator.clone()),
+            blobs,
+        },
+        64,
+    )
+    .await
+    .unwrap();
+    MarketNode {
+        node,
+        net,
+        addr,
+        state,
+        seed,
+        worker: None,
+        coordinator: Some(coordinator),
+        service,
+    }
+}
+
+pub fn task(offer: &OfferedCapability, input: &[u8], fanout: u32, quorum: u32) -> TaskSpec {
+    let mut id = [0u8; 16];
+    getrandom::fill(&mut id).unwrap();
+    TaskSpec {
+        task_id: TaskId(id),
+        capability: offer.manifest.capability(),
+        manifest_cid: offer.manifest_cid,
+        input: input.to_vec(),
+        rail: RailKind::Local,
+        budget: Amount {
+            asset: ASSET.into(),
+            units: 1_000,
+        },
+        fanout,
+        quorum,
+        deadline: now_ms() + 60_000,
+    }
+}
+
+/// Polls `f` every 50 ms until it returns `Some`, or panics after [`TIMEOUT`].
+pub async fn eventually<T, F, Fut>(what: &str, mut f: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let end = Instant::now() + TIMEOUT;
+    loop {
+        if let Some(v) = f().await {
+            return v;
+        }
+        assert!(Instant::now() < end, "timed out waiting for: {what}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
