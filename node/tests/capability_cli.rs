@@ -696,7 +696,12 @@ fn import_list_resolve_and_namespace_enforcement_in_the_store() {
 
     let list = ok(d, &["capability", "list", "--state", "node"]).stdout;
     let lines: Vec<&str> = list.lines().collect();
-    assert_eq!(lines.len(), 2, "{list}");
+    assert_eq!(lines.len(), 3, "{list}");
+    assert!(
+        lines[2].starts_with("web.page_to_markdown@1  manifest bafy")
+            && lines[2].ends_with("built-in"),
+        "{list}"
+    );
     assert!(
         lines[0].starts_with("example.extract_product@1  manifest bafy"),
         "{list}"
@@ -716,6 +721,10 @@ fn import_list_resolve_and_namespace_enforcement_in_the_store() {
     // An empty store says so.
     let empty = ok(d, &["capability", "list", "--state", "empty"]).stdout;
     assert!(empty.starts_with("no capabilities in "), "{empty}");
+    assert!(
+        empty.contains("web.page_to_markdown@1  manifest "),
+        "{empty}"
+    );
     assert!(!d.join("empty").exists(), "list created the state dir");
 }
 

@@ -543,15 +543,15 @@ fn list(a: ListArgs) -> anyhow::Result<()> {
             }
         }
     }
+    if lines.is_empty() {
+        lines.push(format!("no capabilities in {}", store.dir().display()));
+    }
     for b in builtins {
         lines.push(format!(
             "{}  manifest {}  built-in",
             b.manifest.capability(),
             b.manifest.cid()?
         ));
-    }
-    if lines.is_empty() {
-        lines.push(format!("no capabilities in {}", store.dir().display()));
     }
     print_out(&lines.join("\n"))?;
     if failed > 0 {
