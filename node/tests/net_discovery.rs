@@ -49,6 +49,10 @@ async fn three_nodes_bootstrap_worker_gateway() {
             .iter()
             .all(|a| a.to_string().contains("127.0.0.1"))
     );
+    // Its signed record carries both transports on the same port number.
+    let text: Vec<String> = summary.addrs.iter().map(|a| a.to_string()).collect();
+    assert!(text.iter().any(|a| a.contains("/tcp/")), "{text:?}");
+    assert!(text.iter().any(|a| a.ends_with("/quic-v1")), "{text:?}");
 
     // The bootstrap (a DHT server) is in the gateway's routing table and the learnt
     // PeerId matches the one the host:port led to.
