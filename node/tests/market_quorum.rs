@@ -68,13 +68,20 @@ async fn three_honest_workers_fanout_3_quorum_2_accepted_and_all_recorded() {
         .map(|l| l.lease.body.fencing_token)
         .collect();
     assert!(tokens.windows(2).all(|w| w[0] < w[1]), "{tokens:?}");
+    // Reputation is recorded right after the judgement, in its own transaction.
     for w in &workers {
-        let key = d402_protocol::SigningKey::from_bytes(&w.seed);
-        let r = coord
-            .reputation()
-            .get(&key.verifying_key().to_bytes())
-            .unwrap();
-        assert_eq!(r.accepted, 1);
+        let key = d402_protocol::SigningKey::from_bytes(&w.seed)
+            .verifying_key()
+            .to_bytes();
+        let r = eventually("reputation recorded", || {
+            let c = coord.clone();
+            async move {
+                let r = c.reputation().get(&key).unwrap();
+                (r.accepted + r.rejected > 0).then_some(r)
+            }
+        })
+        .await;
+        assert_eq!((r.accepted, r.rejected), (1, 0));
     }
     for w in workers {
         w.stop().await;
