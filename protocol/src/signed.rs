@@ -13,6 +13,7 @@ use crate::{
     content_id::Cid,
     error::{ProtocolError, Result},
     keys::{PublicKey, Signature},
+    messages::WireMessage,
 };
 
 /// Prefix of every signed message; bump the suffix to change the scheme.
@@ -112,5 +113,20 @@ impl<T: Signable> Signed<T> {
     /// The `dag-cbor` CID of the whole envelope (body, signer and signature).
     pub fn cid(&self) -> Result<Cid> {
         Ok(Cid::dag_cbor(&self.to_bytes()?))
+    }
+}
+
+/// A signed envelope is a wire message: its cap is [`Signed::max_size`], and decoding also
+/// checks the body's rules and the signature.
+impl<T: Signable> WireMessage for Signed<T> {
+    const KIND: &'static str = T::KIND;
+    const MAX_SIZE: usize = Signed::<T>::max_size();
+
+    fn to_bytes(&self) -> Result<Vec<u8>> {
+        Signed::to_bytes(self)
+    }
+
+    fn from_bytes(bytes: &[u8]) -> Result<Self> {
+        Signed::<T>::from_bytes(bytes)
     }
 }

@@ -29,24 +29,32 @@ pub trait RrProtocol: Send + Sync + 'static {
     /// The protocol id.
     const NAME: &'static str;
     /// Largest encoded request.
-    const REQUEST_MAX: usize;
+    const REQUEST_MAX: usize = <Self::Request as WireMessage>::MAX_SIZE;
     /// Largest encoded response.
-    const RESPONSE_MAX: usize;
+    const RESPONSE_MAX: usize = <Self::Response as WireMessage>::MAX_SIZE;
     /// How long a request may take, from sending to the whole response.
     const TIMEOUT: Duration;
     /// The request.
-    type Request: Send + std::fmt::Debug + 'static;
+    type Request: WireMessage + Send + std::fmt::Debug + 'static;
     /// The response.
-    type Response: Send + std::fmt::Debug + 'static;
+    type Response: WireMessage + Send + std::fmt::Debug + 'static;
 
     /// Canonical bytes of a request.
-    fn encode_request(r: &Self::Request) -> Result<Vec<u8>, ProtocolError>;
+    fn encode_request(r: &Self::Request) -> Result<Vec<u8>, ProtocolError> {
+        r.to_bytes()
+    }
     /// Decodes and checks a request (size cap, canonical form, signature).
-    fn decode_request(b: &[u8]) -> Result<Self::Request, ProtocolError>;
+    fn decode_request(b: &[u8]) -> Result<Self::Request, ProtocolError> {
+        <Self::Request as WireMessage>::from_bytes(b)
+    }
     /// Canonical bytes of a response.
-    fn encode_response(r: &Self::Response) -> Result<Vec<u8>, ProtocolError>;
+    fn encode_response(r: &Self::Response) -> Result<Vec<u8>, ProtocolError> {
+        r.to_bytes()
+    }
     /// Decodes and checks a response.
-    fn decode_response(b: &[u8]) -> Result<Self::Response, ProtocolError>;
+    fn decode_response(b: &[u8]) -> Result<Self::Response, ProtocolError> {
+        <Self::Response as WireMessage>::from_bytes(b)
+    }
     /// The answer when the inbound queue is full or the service is gone.
     fn busy() -> Self::Response;
 }
@@ -159,24 +167,10 @@ impl WireMessage for BlobResponse {
 
 impl RrProtocol for BidProto {
     const NAME: &'static str = protocol_ids::BID;
-    const REQUEST_MAX: usize = Signed::<BidRequest>::max_size();
-    const RESPONSE_MAX: usize = BidResponse::MAX_SIZE;
     const TIMEOUT: Duration = Duration::from_millis(protocol_ids::DEFAULT_TIMEOUT_MS);
     type Request = Signed<BidRequest>;
     type Response = BidResponse;
 
-    fn encode_request(r: &Self::Request) -> Result<Vec<u8>, ProtocolError> {
-        r.to_bytes()
-    }
-    fn decode_request(b: &[u8]) -> Result<Self::Request, ProtocolError> {
-        Signed::from_bytes(b)
-    }
-    fn encode_response(r: &Self::Response) -> Result<Vec<u8>, ProtocolError> {
-        r.to_bytes()
-    }
-    fn decode_response(b: &[u8]) -> Result<Self::Response, ProtocolError> {
-        BidResponse::from_bytes(b)
-    }
     fn busy() -> Self::Response {
         BidResponse::Declined(DeclineReason::Busy)
     }
@@ -184,24 +178,10 @@ impl RrProtocol for BidProto {
 
 impl RrProtocol for LeaseProto {
     const NAME: &'static str = protocol_ids::LEASE;
-    const REQUEST_MAX: usize = Signed::<Lease>::max_size();
-    const RESPONSE_MAX: usize = LeaseAck::MAX_SIZE;
     const TIMEOUT: Duration = Duration::from_millis(protocol_ids::DEFAULT_TIMEOUT_MS);
     type Request = Signed<Lease>;
     type Response = LeaseAck;
 
-    fn encode_request(r: &Self::Request) -> Result<Vec<u8>, ProtocolError> {
-        r.to_bytes()
-    }
-    fn decode_request(b: &[u8]) -> Result<Self::Request, ProtocolError> {
-        Signed::from_bytes(b)
-    }
-    fn encode_response(r: &Self::Response) -> Result<Vec<u8>, ProtocolError> {
-        r.to_bytes()
-    }
-    fn decode_response(b: &[u8]) -> Result<Self::Response, ProtocolError> {
-        LeaseAck::from_bytes(b)
-    }
     fn busy() -> Self::Response {
         LeaseAck::Refused {
             reason: "busy".into(),
@@ -211,24 +191,10 @@ impl RrProtocol for LeaseProto {
 
 impl RrProtocol for ClaimProto {
     const NAME: &'static str = protocol_ids::CLAIM;
-    const REQUEST_MAX: usize = Signed::<Claim>::max_size();
-    const RESPONSE_MAX: usize = ClaimAck::MAX_SIZE;
     const TIMEOUT: Duration = Duration::from_secs(30);
     type Request = Signed<Claim>;
     type Response = ClaimAck;
 
-    fn encode_request(r: &Self::Request) -> Result<Vec<u8>, ProtocolError> {
-        r.to_bytes()
-    }
-    fn decode_request(b: &[u8]) -> Result<Self::Request, ProtocolError> {
-        Signed::from_bytes(b)
-    }
-    fn encode_response(r: &Self::Response) -> Result<Vec<u8>, ProtocolError> {
-        r.to_bytes()
-    }
-    fn decode_response(b: &[u8]) -> Result<Self::Response, ProtocolError> {
-        ClaimAck::from_bytes(b)
-    }
     fn busy() -> Self::Response {
         ClaimAck::Refused {
             reason: "busy".into(),
@@ -238,25 +204,11 @@ impl RrProtocol for ClaimProto {
 
 impl RrProtocol for VerdictProto {
     const NAME: &'static str = protocol_ids::VERDICT;
-    const REQUEST_MAX: usize = VerdictRequest::MAX_SIZE;
-    const RESPONSE_MAX: usize = VerdictResponse::MAX_SIZE;
     /// A validator fetches the snapshot and re-runs the Wasm before it answers.
     const TIMEOUT: Duration = Duration::from_secs(120);
     type Request = VerdictRequest;
     type Response = VerdictResponse;
 
-    fn encode_request(r: &Self::Request) -> Result<Vec<u8>, ProtocolError> {
-        r.to_bytes()
-    }
-    fn decode_request(b: &[u8]) -> Result<Self::Request, ProtocolError> {
-        VerdictRequest::from_bytes(b)
-    }
-    fn encode_response(r: &Self::Response) -> Result<Vec<u8>, ProtocolError> {
-        r.to_bytes()
-    }
-    fn decode_response(b: &[u8]) -> Result<Self::Response, ProtocolError> {
-        VerdictResponse::from_bytes(b)
-    }
     fn busy() -> Self::Response {
         VerdictResponse::Busy
     }
@@ -264,24 +216,10 @@ impl RrProtocol for VerdictProto {
 
 impl RrProtocol for BlobProto {
     const NAME: &'static str = protocol_ids::BLOB;
-    const REQUEST_MAX: usize = BlobRequest::MAX_SIZE;
-    const RESPONSE_MAX: usize = BlobResponse::MAX_SIZE;
     const TIMEOUT: Duration = Duration::from_secs(60);
     type Request = BlobRequest;
     type Response = BlobResponse;
 
-    fn encode_request(r: &Self::Request) -> Result<Vec<u8>, ProtocolError> {
-        r.to_bytes()
-    }
-    fn decode_request(b: &[u8]) -> Result<Self::Request, ProtocolError> {
-        BlobRequest::from_bytes(b)
-    }
-    fn encode_response(r: &Self::Response) -> Result<Vec<u8>, ProtocolError> {
-        r.to_bytes()
-    }
-    fn decode_response(b: &[u8]) -> Result<Self::Response, ProtocolError> {
-        BlobResponse::from_bytes(b)
-    }
     fn busy() -> Self::Response {
         BlobResponse::Busy
     }
