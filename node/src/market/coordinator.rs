@@ -459,30 +459,39 @@ impl Coordinator {
             ..
         } = quorum::decide(&votes, rec.spec.quorum as usize, open)
         {
-            let done = inner
+            // Judge every claim recorded by now, including any that arrived after `votes`
+            // was read, and credit exactly the claims judged here (each claim once).
+            let (done, judged) = inner
                 .tasks
                 .update(&id, |r| {
+                    let mut judged = Vec::new();
                     for c in r.claims.iter_mut() {
-                        c.judgement = if c.claim.body.output_cid == output_cid {
+                        let judgement = if c.claim.body.output_cid == output_cid {
                             ClaimJudgement::Accepted
                         } else {
                             ClaimJudgement::Rejected
                         };
+                        if c.judgement == ClaimJudgement::Pending {
+                            judged.push((c.claim.signer.0, judgement));
+                        }
+                        c.judgement = judgement;
                     }
                     r.accepted_output = Some(output_cid);
                     r.phase = Phase::Accepted;
                     r.updated_at = now;
-                    Ok::<_, CoordinatorError>(r.clone())
+                    Ok::<_, CoordinatorError>((r.clone(), judged))
                 })?
                 .ok_or(CoordinatorError::NotFound(id))?;
-            for w in &agreeing {
-                inner.reputation.record(w, Outcome::Accepted, now)?;
+            for (w, judgement) in &judged {
+                if *judgement == ClaimJudgement::Accepted {
+                    inner.reputation.record(w, Outcome::Accepted, now)?;
+                } else {
+                    info!(worker = %hex::encode(w), "claim rejected: disagrees with the quorum");
+                    inner.reputation.record(w, Outcome::Rejected, now)?;
+                }
             }
-            for w in &dissenting {
-                info!(worker = %hex::encode(w), "claim rejected: disagrees with the quorum");
-                inner.reputation.record(w, Outcome::Rejected, now)?;
-            }
-            info!(output = %output_cid, agreeing = agreeing.len(), "task accepted");
+            let (agreeing, dissenting) = (agreeing.len(), dissenting.len());
+            info!(output = %output_cid, agreeing, dissenting, "task accepted");
             return Ok(Some(done));
         }
 
