@@ -182,7 +182,7 @@ pub fn run(cmd: CapabilityCommand) -> anyhow::Result<()> {
 }
 
 /// Reads at most `max` bytes of a file named on the command line.
-fn read_input(path: &Path, max: usize) -> anyhow::Result<Vec<u8>> {
+pub(super) fn read_input(path: &Path, max: usize) -> anyhow::Result<Vec<u8>> {
     let file = fs::File::open(path).with_context(|| format!("cannot read {}", path.display()))?;
     let mut bytes = Vec::new();
     file.take(max as u64 + 1)

@@ -7,11 +7,7 @@
 //! to stdout; a summary (output CID, fuel, snapshot) to stderr, or everything as JSON with
 //! `--json`.
 
-use std::{
-    fs,
-    io::{Read, Write},
-    path::{Path, PathBuf},
-};
+use std::{io::Write, path::PathBuf};
 
 use anyhow::{Context, bail};
 use clap::Args;
@@ -68,29 +64,20 @@ fn parse_snapshotter(s: &str) -> Result<SnapshotterKind, String> {
     }
 }
 
-fn read_capped(path: &Path, max: usize) -> anyhow::Result<Vec<u8>> {
-    let file = fs::File::open(path).with_context(|| format!("cannot read {}", path.display()))?;
-    let mut bytes = Vec::new();
-    file.take(max as u64 + 1)
-        .read_to_end(&mut bytes)
-        .with_context(|| format!("cannot read {}", path.display()))?;
-    if bytes.len() > max {
-        bail!("{} is larger than the cap of {max} bytes", path.display());
-    }
-    Ok(bytes)
-}
-
 /// Runs `d402 capability run`.
 pub fn run(a: RunArgs) -> anyhow::Result<()> {
-    let manifest = Manifest::from_json(&read_capped(&a.manifest, MAX_MANIFEST_JSON)?)
-        .with_context(|| a.manifest.display().to_string())?;
-    let wasm = read_capped(&a.wasm, MAX_WASM)?;
+    let manifest = Manifest::from_json(&super::capability::read_input(
+        &a.manifest,
+        MAX_MANIFEST_JSON,
+    )?)
+    .with_context(|| a.manifest.display().to_string())?;
+    let wasm = super::capability::read_input(&a.wasm, MAX_WASM)?;
     if a.input.len() > MAX_INPUT {
         bail!("--input is larger than {MAX_INPUT} bytes");
     }
     let input = a.input.clone().into_bytes();
     let html = match &a.html {
-        Some(p) => Some(read_capped(p, 64 * 1024 * 1024)?),
+        Some(p) => Some(super::capability::read_input(p, 64 * 1024 * 1024)?),
         None => None,
     };
     let policy = if a.allow_loopback {
