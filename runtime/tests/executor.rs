@@ -351,7 +351,16 @@ fn a_full_pool_answers_busy_instead_of_waiting() {
         ..limits()
     };
     std::thread::scope(|s| {
-        let busy = s.spawn(|| ex.run(&looping, b"", &long).unwrap());
+        // The looping run may itself lose the race for the slot to one of
+        // the probes below; it retries until it holds the slot.
+        let busy = s.spawn(|| {
+            loop {
+                match ex.run(&looping, b"", &long) {
+                    Err(ExecError::Busy(1)) => std::thread::sleep(Duration::from_millis(1)),
+                    other => break other.unwrap(),
+                }
+            }
+        });
         // Wait until the loop holds the only slot, then try a second run.
         let mut saw_busy = false;
         let until = Instant::now() + Duration::from_secs(3);
