@@ -4,6 +4,7 @@
 pub mod capstore;
 pub mod cli;
 pub mod config;
+pub mod gateway;
 pub mod keys;
 pub mod market;
 pub mod net;
