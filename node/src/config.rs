@@ -22,6 +22,8 @@ use crate::net::{AdvertiseHost, PeerSpec};
 
 /// Decimals of the gateway's price unit (USDC-like assets have 6).
 pub const PRICE_DECIMALS: u32 = 6;
+/// Default `--worker-price`: $0.001 in units of 6 decimals.
+pub const DEFAULT_WORKER_PRICE_UNITS: u64 = 1_000;
 /// Largest `--fanout`.
 pub const MAX_FANOUT: u32 = 16;
 /// Largest config file read.
@@ -69,6 +71,18 @@ pub struct NodeArgs {
     /// EVM address (0x…) that receives this worker's payouts on EVM rails.
     #[arg(long, env = "D402_EVM_PAYOUT_WALLET")]
     pub evm_payout_wallet: Option<String>,
+    /// Local-rail address (base58 ed25519 key) that receives this worker's payouts on the
+    /// `local` rail. Default: the address of a `payout.key` wallet created in `--state`.
+    #[arg(long, env = "D402_LOCAL_PAYOUT_WALLET")]
+    pub local_payout_wallet: Option<String>,
+    /// Worker: the lowest price it bids per task, e.g. '$0.001' (6 decimals). Default $0.001.
+    #[arg(long, env = "D402_WORKER_PRICE")]
+    pub worker_price: Option<String>,
+    /// Let this node's snapshotters fetch loopback addresses (127.0.0.0/8, ::1), for devnets
+    /// and tests whose pages are served on this machine. Private, link-local and metadata
+    /// addresses stay refused. Default false.
+    #[arg(long, env = "D402_ALLOW_LOOPBACK_URLS", num_args = 0..=1, default_missing_value = "true", value_parser = parse_bool)]
+    pub allow_loopback_urls: Option<bool>,
     /// Interface for the gateway's HTTP API. Default 127.0.0.1.
     #[arg(long, env = "D402_HTTP_HOST")]
     pub http_host: Option<String>,
@@ -85,6 +99,10 @@ pub struct NodeArgs {
     /// Most the gateway pays workers per task, e.g. 0.01 (6 decimals).
     #[arg(long, env = "D402_GATEWAY_BUDGET")]
     pub gateway_budget: Option<String>,
+    /// Gateway on the `local` rail: serve `POST /v1/local/faucet`, which credits balances
+    /// out of thin air. Devnets and tests only. Default false.
+    #[arg(long, env = "D402_DEV_FAUCET", num_args = 0..=1, default_missing_value = "true", value_parser = parse_bool)]
+    pub dev_faucet: Option<bool>,
     /// Sell only capabilities with a registration.
     #[arg(long, env = "D402_REQUIRE_CAPABILITY_REGISTRATION", num_args = 0..=1, default_missing_value = "true", value_parser = parse_bool)]
     pub require_capability_registration: Option<bool>,
@@ -138,11 +156,15 @@ pub struct FileConfig {
     fallback_to_fetch: Option<bool>,
     solana_payout_wallet: Option<String>,
     evm_payout_wallet: Option<String>,
+    local_payout_wallet: Option<String>,
+    worker_price: Option<String>,
+    allow_loopback_urls: Option<bool>,
     http_host: Option<String>,
     http_port: Option<u16>,
     payment: Option<String>,
     gateway_price: Option<String>,
     gateway_budget: Option<String>,
+    dev_faucet: Option<bool>,
     require_capability_registration: Option<bool>,
     require_signed_capability_registration: Option<bool>,
     max_creator_commission_bps: Option<u16>,
@@ -220,8 +242,13 @@ pub struct NodeConfig {
     pub snapshotter: Option<SnapshotterKind>,
     /// Fall back to fetch when the browser fails.
     pub fallback_to_fetch: bool,
-    /// Payout wallets per chain.
+    /// Payout wallets per chain (`local` only when `--local-payout-wallet` is given; the
+    /// node adds its `payout.key` wallet otherwise).
     pub payout: Wallets,
+    /// Worker: lowest price bid per task, in smallest units.
+    pub worker_price_units: u64,
+    /// Snapshotters may fetch loopback addresses.
+    pub allow_loopback_urls: bool,
     /// Gateway HTTP interface and port.
     pub http: Option<(IpAddr, u16)>,
     /// Settlement rail.
@@ -230,6 +257,8 @@ pub struct NodeConfig {
     pub gateway_price_units: Option<u64>,
     /// Budget per task in smallest units.
     pub gateway_budget_units: Option<u64>,
+    /// Serve the local rail's faucet.
+    pub dev_faucet: bool,
     /// Require a capability registration.
     pub require_capability_registration: bool,
     /// Require a signed capability registration.
@@ -291,11 +320,15 @@ fn merge(a: &NodeArgs, f: FileConfig) -> NodeArgs {
         fallback_to_fetch: a.fallback_to_fetch.or(f.fallback_to_fetch),
         solana_payout_wallet: a.solana_payout_wallet.clone().or(f.solana_payout_wallet),
         evm_payout_wallet: a.evm_payout_wallet.clone().or(f.evm_payout_wallet),
+        local_payout_wallet: a.local_payout_wallet.clone().or(f.local_payout_wallet),
+        worker_price: a.worker_price.clone().or(f.worker_price),
+        allow_loopback_urls: a.allow_loopback_urls.or(f.allow_loopback_urls),
         http_host: a.http_host.clone().or(f.http_host),
         http_port: a.http_port.or(f.http_port),
         payment: a.payment.clone().or(f.payment),
         gateway_price: a.gateway_price.clone().or(f.gateway_price),
         gateway_budget: a.gateway_budget.clone().or(f.gateway_budget),
+        dev_faucet: a.dev_faucet.or(f.dev_faucet),
         require_capability_registration: a
             .require_capability_registration
             .or(f.require_capability_registration),
@@ -475,6 +508,19 @@ impl NodeArgs {
             check_evm_address(w)?;
             payout.insert(Chain::Evm, w.clone());
         }
+        if let Some(w) = &self.local_payout_wallet {
+            w.parse::<PublicKey>().map_err(|_| {
+                anyhow::anyhow!(
+                    "--local-payout-wallet {w:?} is not a local-rail address (a base58 ed25519 public key)"
+                )
+            })?;
+            payout.insert(Chain::Local, w.clone());
+        }
+        let worker_price_units = match &self.worker_price {
+            Some(p) => parse_amount(p, PRICE_DECIMALS)
+                .map_err(|e| anyhow::anyhow!("--worker-price: {e}"))?,
+            None => DEFAULT_WORKER_PRICE_UNITS,
+        };
         let http = match self.http_port {
             Some(p) => Some((
                 parse_ip(
@@ -559,6 +605,7 @@ impl NodeArgs {
                     self.max_creator_commission_bps.is_some(),
                 ),
                 ("--validators", !validators.is_empty()),
+                ("--dev-faucet", self.dev_faucet.is_some()),
                 ("--fanout", self.fanout.is_some()),
                 ("--quorum", self.quorum.is_some()),
             ];
@@ -577,10 +624,13 @@ impl NodeArgs {
             snapshotter,
             fallback_to_fetch: self.fallback_to_fetch.unwrap_or(false),
             payout,
+            worker_price_units,
+            allow_loopback_urls: self.allow_loopback_urls.unwrap_or(false),
             http,
             payment,
             gateway_price_units,
             gateway_budget_units,
+            dev_faucet: self.dev_faucet.unwrap_or(false),
             require_capability_registration: self.require_capability_registration.unwrap_or(false),
             require_signed_capability_registration: self
                 .require_signed_capability_registration
@@ -646,10 +696,13 @@ impl NodeConfig {
             "snapshotter": self.snapshotter,
             "fallback_to_fetch": self.fallback_to_fetch,
             "payout": self.payout,
+            "worker_price_units": self.worker_price_units,
+            "allow_loopback_urls": self.allow_loopback_urls,
             "http": self.http.map(|(h, p)| format!("{h}:{p}")),
             "payment": self.payment,
             "gateway_price_units": self.gateway_price_units,
             "gateway_budget_units": self.gateway_budget_units,
+            "dev_faucet": self.dev_faucet,
             "require_capability_registration": self.require_capability_registration,
             "require_signed_capability_registration": self.require_signed_capability_registration,
             "max_creator_commission_bps": self.max_creator_commission_bps,

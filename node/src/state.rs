@@ -187,6 +187,13 @@ impl State {
         &self.path
     }
 
+    /// The shared database handle, for subsystems that keep their tables in the same file
+    /// through their own API (the local rail's ledger): their write transactions queue
+    /// behind every other writer's, as redb has one writer at a time.
+    pub fn database(&self) -> &Arc<Database> {
+        &self.db
+    }
+
     /// Runs `f` in one write transaction and commits it (durably) before returning. If `f`
     /// fails nothing is written.
     pub fn write<R>(

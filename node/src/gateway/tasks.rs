@@ -1,0 +1,859 @@
+//! `POST /v1/tasks` and `GET /v1/tasks/{id}`: the paid flow.
+//!
+//! In order, each step committed before the next:
+//! 1. the body (capped) is parsed and the policy admits it (capability, input, terms);
+//! 2. without a payment header: `402` with `PAYMENT-REQUIRED` (v2) and the v1 JSON body;
+//! 3. with `Idempotency-Key`: a stored answer is returned as is (nothing charged again);
+//! 4. the payment is verified on the rail (signature, terms, window, nonce, funds);
+//! 5. the payment is locked in escrow and the task's [`PaidTask`] row written, in one redb
+//!    transaction: no work starts before the money is held;
+//! 6. the task runs through the [`Coordinator`](crate::market::coordinator::Coordinator),
+//!    in a task of its own so that a client hanging up does not stop it;
+//! 7. an accepted task is captured: each accepted worker is paid its bid, split into
+//!    creator commission (the registration's terms, recorded at step 5) and worker net,
+//!    and the gateway keeps the rest; any other outcome is refunded;
+//! 8. the answer (`200` with `PAYMENT-RESPONSE`, or `503` refunded) is stored under the
+//!    idempotency key and sent.
+//!
+//! After a crash, [`recover`] settles every payment still locked: once its task ends
+//! (resumed by the coordinator) it is captured or refunded the same way; a payment whose
+//! task never started is refunded.
+
+use std::{sync::Arc, time::Instant};
+
+use axum::{
+    body::Body,
+    extract::{Path, State},
+    http::{HeaderMap, HeaderName, HeaderValue, StatusCode, header},
+    response::{IntoResponse, Response},
+};
+use base64::Engine as _;
+use redb::TableDefinition;
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+use tracing::{Instrument, info, info_span, warn};
+
+use d402_protocol::{
+    CapabilityRef, Chain, Cid, RailKind, Signed, TaskId, UnixMillis, messages::SettlementReceipt,
+};
+use d402_settlement::{
+    CapturePlan, CommissionTerms, EscrowState, EscrowStatus, LocalRail, QuoteRequest, Rail,
+    RailError, WorkerPayout,
+    x402::{
+        PAYMENT_REQUIRED, PAYMENT_SIGNATURE, Payment, PaymentRequired, ResourceInfo,
+        SettlementResponse, X_PAYMENT, X402_V1,
+    },
+};
+
+use super::{
+    AppState,
+    error::ApiError,
+    standin::{Admitted, Begin, StoredResponse},
+};
+use crate::{
+    market::{
+        now_ms,
+        tasks::{ClaimJudgement, Phase, TaskRecord, TaskSpec},
+    },
+    state::{StateError, decode, encode},
+};
+
+/// Paid tasks: task id (16 bytes) → canonical CBOR of [`PaidTask`], written in the same
+/// transaction as the payment's lock.
+pub const PAID_TASKS: TableDefinition<&[u8], &[u8]> = TableDefinition::new("gateway_tasks");
+
+/// Largest encoded [`PaidTask`].
+const MAX_PAID_TASK: usize = 16 * 1024;
+
+/// Longest `Idempotency-Key`.
+pub const MAX_IDEMPOTENCY_KEY: usize = 128;
+
+/// What the gateway sold for a locked payment: enough to settle it after a restart.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PaidTask {
+    /// Row version (1).
+    pub v: u16,
+    /// The task.
+    pub task_id: TaskId,
+    /// The capability sold.
+    pub capability: CapabilityRef,
+    /// Its exact manifest.
+    pub manifest_cid: Cid,
+    /// The commission terms accepted when it was sold.
+    pub commission: CommissionTerms,
+    /// What was charged.
+    pub price_units: u64,
+    /// Workers leased and agreeing claims needed.
+    pub fanout: u32,
+    /// Agreeing claims needed.
+    pub quorum: u32,
+    /// The payer's address.
+    pub payer: String,
+    /// x402 version of the payment (picks the response header).
+    pub x402_version: u8,
+    /// The request's `Idempotency-Key`, if any.
+    pub idempotency_key: Option<String>,
+    /// When the payment was locked.
+    pub created_at: UnixMillis,
+}
+
+/// Reads a paid task.
+pub fn paid_task(app: &AppState, id: &TaskId) -> Result<Option<PaidTask>, StateError> {
+    app.state.read(|txn| {
+        let t = match txn.open_table(PAID_TASKS) {
+            Ok(t) => t,
+            Err(redb::TableError::TableDoesNotExist(_)) => return Ok(None),
+            Err(e) => return Err(e.into()),
+        };
+        match t.get(&id.0[..])? {
+            Some(v) => Ok(Some(decode("gateway_tasks", v.value(), MAX_PAID_TASK)?)),
+            None => Ok(None),
+        }
+    })
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct TaskRequest {
+    capability: String,
+    input: serde_json::Value,
+}
+
+fn internal(e: impl std::fmt::Display) -> ApiError {
+    warn!(error = %e, "gateway internal error");
+    ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string())
+}
+
+fn header_str<'h>(headers: &'h HeaderMap, name: &str) -> Result<Option<&'h str>, ApiError> {
+    match headers.get(name) {
+        None => Ok(None),
+        Some(v) => v.to_str().map(Some).map_err(|_| {
+            ApiError::new(
+                StatusCode::BAD_REQUEST,
+                "bad_request",
+                format!("header {name} is not visible ASCII"),
+            )
+        }),
+    }
+}
+
+fn idempotency_key(headers: &HeaderMap) -> Result<Option<String>, ApiError> {
+    let Some(k) = header_str(headers, "idempotency-key")? else {
+        return Ok(None);
+    };
+    if k.is_empty() || k.len() > MAX_IDEMPOTENCY_KEY || !k.bytes().all(|b| b.is_ascii_graphic()) {
+        return Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "bad_request",
+            format!("Idempotency-Key must be 1 to {MAX_IDEMPOTENCY_KEY} visible ASCII characters"),
+        ));
+    }
+    Ok(Some(k.to_string()))
+}
+
+/// The hash an idempotency key is bound to: the capability and the input, not the payment
+/// (a retry may carry a fresh payment; it is not charged).
+pub fn request_hash(capability: &str, input: &serde_json::Value) -> [u8; 32] {
+    let mut h = Sha256::new();
+    h.update(b"d402/gateway/task-request/1\n");
+    h.update(capability.as_bytes());
+    h.update(b"\n");
+    h.update(input.to_string().as_bytes());
+    h.finalize().into()
+}
+
+fn json_response(status: StatusCode, body: &serde_json::Value) -> StoredResponse {
+    StoredResponse {
+        status: status.as_u16(),
+        headers: Vec::new(),
+        body: body.to_string().into_bytes(),
+    }
+}
+
+/// Turns a stored answer into a response.
+pub fn to_response(stored: &StoredResponse) -> Response {
+    let mut r = Response::new(Body::from(stored.body.clone()));
+    *r.status_mut() = StatusCode::from_u16(stored.status).unwrap_or(StatusCode::OK);
+    let h = r.headers_mut();
+    h.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    for (name, value) in &stored.headers {
+        if let (Ok(n), Ok(v)) = (
+            HeaderName::try_from(name.as_str()),
+            HeaderValue::try_from(value.as_str()),
+        ) {
+            h.insert(n, v);
+        }
+    }
+    r
+}
+
+/// The challenge for an admitted request.
+fn challenge(app: &AppState, admitted: &Admitted) -> Result<PaymentRequired, ApiError> {
+    let rail = &app.rail;
+    let quote = rail
+        .quote(&QuoteRequest {
+            capability: admitted.capability.clone(),
+            price_units: admitted.price_units,
+            creator_commission_bps: admitted.terms.creator_commission_bps,
+        })
+        .map_err(internal)?;
+    let resource = ResourceInfo {
+        url: app.tasks_url(),
+        description: Some(admitted.capability.to_string()),
+        mime_type: Some("application/json".into()),
+    };
+    let accepts = vec![rail.challenge(&quote, &resource).map_err(internal)?];
+    Ok(PaymentRequired::new(resource, accepts))
+}
+
+/// A `402`: the challenge (with `error` set to `code` when a payment was refused) in
+/// `PAYMENT-REQUIRED` and as the v1 body; a refusal adds a human `message` to the body.
+fn payment_required(
+    challenge: &PaymentRequired,
+    refused: Option<(&'static str, String)>,
+) -> Result<StoredResponse, ApiError> {
+    let mut c = challenge.clone();
+    if let Some((code, _)) = &refused {
+        c.error = Some((*code).to_string());
+    }
+    let header = c.to_header().map_err(internal)?;
+    let mut body = serde_json::to_value(c.to_v1()).map_err(internal)?;
+    if let Some((code, message)) = refused {
+        body["error"] = code.into();
+        body["message"] = message.into();
+    }
+    let mut r = json_response(StatusCode::PAYMENT_REQUIRED, &body);
+    r.headers.push((PAYMENT_REQUIRED.to_string(), header));
+    Ok(r)
+}
+
+fn payment_refusal(e: &RailError) -> &'static str {
+    match e {
+        RailError::NonceReplayed => "payment_replayed",
+        RailError::InsufficientFunds { .. } => "payment_insufficient",
+        _ => "payment_invalid",
+    }
+}
+
+/// `POST /v1/tasks`.
+pub async fn create(State(app): State<Arc<AppState>>, headers: HeaderMap, body: Body) -> Response {
+    let started = Instant::now();
+    let (outcome, response) = match create_inner(&app, &headers, body).await {
+        Ok((outcome, stored)) => (outcome, to_response(&stored)),
+        Err(e) => ("refused", e.into_response()),
+    };
+    app.metrics.observe_task(outcome, started.elapsed());
+    response
+}
+
+async fn create_inner(
+    app: &Arc<AppState>,
+    headers: &HeaderMap,
+    body: Body,
+) -> Result<(&'static str, StoredResponse), ApiError> {
+    let max = app.config.max_body;
+    let bytes = axum::body::to_bytes(body, max).await.map_err(|_| {
+        ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "payload_too_large",
+            format!("the request body is larger than {max} bytes (or was cut short)"),
+        )
+    })?;
+    let req: TaskRequest = serde_json::from_slice(&bytes).map_err(|e| {
+        ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "bad_request",
+            format!("the body must be {{\"capability\":\"id@version\",\"input\":{{…}}}}: {e}"),
+        )
+    })?;
+    let key = idempotency_key(headers)?;
+    let admitted = app.policy.admit(&req.capability, &req.input)?;
+    let challenge = challenge(app, &admitted)?;
+    let payment = match Payment::from_headers(
+        header_str(headers, PAYMENT_SIGNATURE)?,
+        header_str(headers, X_PAYMENT)?,
+    ) {
+        Ok(Some(p)) => p,
+        Ok(None) => return Ok(("payment_required", payment_required(&challenge, None)?)),
+        Err(e) => {
+            return Ok((
+                "payment_refused",
+                payment_required(&challenge, Some(("payment_invalid", e.to_string())))?,
+            ));
+        }
+    };
+    if let Some(k) = &key {
+        match app
+            .idempotency
+            .begin(k, request_hash(&req.capability, &req.input))?
+        {
+            Begin::New => {}
+            Begin::Replay(stored) => return Ok(("replayed", stored)),
+        }
+    }
+    let abandon = |why: &str| {
+        if let Some(k) = &key {
+            info!(
+                reason = why,
+                "idempotency key released: nothing was charged"
+            );
+            app.idempotency.abandon(k);
+        }
+    };
+    let now = now_ms();
+    let verified = match app.rail.verify_payment(&payment, &challenge, now) {
+        Ok(v) => v,
+        Err(e) => {
+            abandon(e.code());
+            if e.is_payment_error() {
+                info!(reason = e.code(), error = %e, "payment refused");
+                let code = payment_refusal(&e);
+                return Ok((
+                    "payment_refused",
+                    payment_required(&challenge, Some((code, e.to_string())))?,
+                ));
+            }
+            return Err(internal(e));
+        }
+    };
+    let mut id = [0u8; 16];
+    getrandom::fill(&mut id).map_err(internal)?;
+    let task_id = TaskId(id);
+    let paid = PaidTask {
+        v: 1,
+        task_id,
+        capability: admitted.capability.clone(),
+        manifest_cid: admitted.manifest_cid,
+        commission: CommissionTerms::from(&admitted.terms),
+        price_units: admitted.price_units,
+        fanout: admitted.fanout,
+        quorum: admitted.quorum,
+        payer: verified.payer().to_string(),
+        x402_version: payment.version(),
+        idempotency_key: key.clone(),
+        created_at: now,
+    };
+    // Lock the payment and record what was sold in one transaction, before any work.
+    let locked = {
+        let rail = app.rail.clone();
+        let paid = paid.clone();
+        tokio::task::spawn_blocking(move || lock_and_record(&rail, &paid, &verified, now))
+            .await
+            .map_err(internal)?
+    };
+    if let Err(e) = locked {
+        abandon(e.code());
+        if e.is_payment_error() {
+            let code = payment_refusal(&e);
+            return Ok((
+                "payment_refused",
+                payment_required(&challenge, Some((code, e.to_string())))?,
+            ));
+        }
+        return Err(internal(e));
+    }
+    info!(task = %task_id, payer = %paid.payer, units = paid.price_units, capability = %paid.capability, "payment locked; running the task");
+    // The rest runs on its own: a client hanging up must not leave money locked.
+    let spec = TaskSpec {
+        task_id,
+        capability: admitted.capability,
+        manifest_cid: admitted.manifest_cid,
+        input: admitted.input,
+        rail: RailKind::Local,
+        budget: app.rail.asset().amount(admitted.budget_units),
+        fanout: admitted.fanout,
+        quorum: admitted.quorum,
+        deadline: now.saturating_add(app.config.task_timeout.as_millis() as u64),
+    };
+    let app2 = app.clone();
+    let run = tokio::spawn(
+        async move {
+            let rec = match app2.coordinator.run_task(spec).await {
+                Ok(rec) => Some(rec),
+                Err(e) => {
+                    warn!(error = %e, "task failed in the coordinator");
+                    app2.coordinator.tasks().get(&task_id).ok().flatten()
+                }
+            };
+            finish(&app2, &paid, rec.as_ref()).await
+        }
+        .instrument(info_span!("task", task = %task_id)),
+    );
+    let stored = run.await.map_err(internal)??;
+    let outcome = if stored.status == 200 {
+        "completed"
+    } else {
+        "refunded"
+    };
+    Ok((outcome, stored))
+}
+
+fn lock_and_record(
+    rail: &LocalRail,
+    paid: &PaidTask,
+    verified: &d402_settlement::VerifiedPayment,
+    now: UnixMillis,
+) -> Result<(), RailError> {
+    let bytes = encode("gateway_tasks", paid).map_err(|e| RailError::Corrupt {
+        table: "gateway_tasks",
+        reason: e.to_string(),
+    })?;
+    let txn = rail.database().begin_write()?;
+    rail.lock_in(&txn, paid.task_id, verified, now)?;
+    {
+        let mut t = txn.open_table(PAID_TASKS)?;
+        t.insert(&paid.task_id.0[..], bytes.as_slice())?;
+    }
+    txn.commit()?;
+    Ok(())
+}
+
+/// How a paid task was settled.
+#[derive(Debug, Clone)]
+pub enum Settlement {
+    /// Paid out.
+    Captured(Signed<SettlementReceipt>),
+    /// Returned to the payer, with the reason code and text.
+    Refunded {
+        /// The refund receipt.
+        receipt: Signed<SettlementReceipt>,
+        /// `no_workers`, `quorum_not_reached` or `internal`.
+        code: &'static str,
+        /// Why.
+        message: String,
+    },
+}
+
+/// The payouts of an accepted task: every claim judged accepted, paid its lease's price
+/// (the worker's bid) to the local-rail wallet of its bid. A claim whose wallet is not a
+/// valid local address is left out (the worker cannot be paid; the gateway keeps it).
+pub fn capture_plan(rec: &TaskRecord, commission: &CommissionTerms) -> CapturePlan {
+    let mut payouts = Vec::new();
+    for c in rec
+        .claims
+        .iter()
+        .filter(|c| c.judgement == ClaimJudgement::Accepted)
+    {
+        let Some(lease) = rec
+            .leases
+            .iter()
+            .find(|l| l.lease_cid == c.claim.body.lease_cid)
+        else {
+            continue;
+        };
+        let wallet = rec
+            .bids
+            .iter()
+            .find(|b| b.bid_cid == lease.lease.body.bid_cid)
+            .and_then(|b| b.bid.body.payout.get(&Chain::Local));
+        let (Some(wallet), Ok(claim_cid)) = (wallet, c.claim.cid()) else {
+            warn!(lease = %lease.lease_cid, "accepted claim without a local payout wallet: not paid");
+            continue;
+        };
+        if d402_settlement::wallet::parse_address(wallet).is_err() {
+            warn!(%wallet, "accepted claim with an invalid local payout wallet: not paid");
+            continue;
+        }
+        payouts.push(WorkerPayout {
+            worker: wallet.clone(),
+            gross: lease.lease.body.price.units,
+            claim_cid,
+        });
+    }
+    CapturePlan {
+        payouts,
+        commission: commission.clone(),
+    }
+}
+
+fn failure(rec: Option<&TaskRecord>) -> (&'static str, String) {
+    match rec {
+        None => ("internal", "the task did not start".into()),
+        Some(r) if r.bids.is_empty() => (
+            "no_workers",
+            "no worker bid for this capability; the payment was refunded".into(),
+        ),
+        Some(r) => (
+            "quorum_not_reached",
+            format!(
+                "{}; the payment was refunded",
+                match &r.phase {
+                    Phase::Failed { reason } => reason.clone(),
+                    _ => "the task did not finish".into(),
+                }
+            ),
+        ),
+    }
+}
+
+/// The receipt of a task the rail already settled (a retry after a crash or a race).
+fn stored_receipt(rail: &LocalRail, id: TaskId) -> Result<EscrowStatus, RailError> {
+    rail.escrow(id)?.ok_or(RailError::UnknownTask(id))
+}
+
+/// Captures an accepted task, refunds any other; idempotent (a settled task returns its
+/// receipt).
+pub fn settle(
+    rail: &LocalRail,
+    paid: &PaidTask,
+    rec: Option<&TaskRecord>,
+) -> Result<Settlement, RailError> {
+    let id = paid.task_id;
+    let now = now_ms();
+    let accepted = rec.filter(|r| r.phase == Phase::Accepted);
+    let result = match accepted {
+        Some(r) => {
+            let plan = capture_plan(r, &paid.commission);
+            match rail.capture_task(id, &plan, now) {
+                Ok(receipt) => Ok(Settlement::Captured(receipt)),
+                Err(RailError::InvalidPlan(why)) => {
+                    warn!(task = %id, %why, "capture plan refused; refunding");
+                    rail.refund_task(id, now)
+                        .map(|receipt| Settlement::Refunded {
+                            receipt,
+                            code: "internal",
+                            message: format!("settlement failed ({why}); the payment was refunded"),
+                        })
+                }
+                Err(e) => Err(e),
+            }
+        }
+        None => {
+            let (code, message) = failure(rec);
+            rail.refund_task(id, now)
+                .map(|receipt| Settlement::Refunded {
+                    receipt,
+                    code,
+                    message,
+                })
+        }
+    };
+    match result {
+        Err(
+            RailError::PlanConflict(_)
+            | RailError::AlreadyCaptured(_)
+            | RailError::AlreadyRefunded(_),
+        ) => {
+            let status = stored_receipt(rail, id)?;
+            let receipt = status.receipt.ok_or(RailError::UnknownTask(id))?;
+            Ok(match status.state {
+                EscrowState::Captured => Settlement::Captured(receipt),
+                _ => {
+                    let (code, message) = failure(rec);
+                    Settlement::Refunded {
+                        receipt,
+                        code,
+                        message,
+                    }
+                }
+            })
+        }
+        other => other,
+    }
+}
+
+/// Settles a finished (or never started) task, builds its answer and stores it under the
+/// idempotency key.
+pub async fn finish(
+    app: &Arc<AppState>,
+    paid: &PaidTask,
+    rec: Option<&TaskRecord>,
+) -> Result<StoredResponse, ApiError> {
+    let settled = {
+        let rail = app.rail.clone();
+        let paid = paid.clone();
+        let rec = rec.cloned();
+        tokio::task::spawn_blocking(move || settle(&rail, &paid, rec.as_ref()))
+            .await
+            .map_err(internal)?
+            .map_err(internal)?
+    };
+    let network = app.rail.network().to_string();
+    let header_name = if paid.x402_version == X402_V1 {
+        d402_settlement::x402::X_PAYMENT_RESPONSE
+    } else {
+        d402_settlement::x402::PAYMENT_RESPONSE
+    };
+    let stored = match &settled {
+        Settlement::Captured(receipt) => {
+            let escrow = EscrowStatus {
+                task_id: paid.task_id,
+                state: EscrowState::Captured,
+                payer: paid.payer.clone(),
+                amount: app.rail.asset().amount(paid.price_units),
+                receipt: Some(receipt.clone()),
+            };
+            let body = task_body(app, paid, rec, Some(&escrow));
+            let header = SettlementResponse::settled(&network, receipt.clone())
+                .to_header()
+                .map_err(internal)?;
+            let mut r = json_response(StatusCode::OK, &body);
+            r.headers.push((header_name.to_string(), header));
+            info!(task = %paid.task_id, "task completed and captured");
+            r
+        }
+        Settlement::Refunded {
+            receipt,
+            code,
+            message,
+        } => {
+            let status = if *code == "internal" {
+                StatusCode::INTERNAL_SERVER_ERROR
+            } else {
+                StatusCode::SERVICE_UNAVAILABLE
+            };
+            let body = serde_json::json!({
+                "error": {"code": code, "message": message},
+                "refunded": true,
+                "task_id": paid.task_id.to_string(),
+                "receipt": receipt,
+            });
+            let header = SettlementResponse::refunded(&network, code, Some(receipt.clone()))
+                .to_header()
+                .map_err(internal)?;
+            let mut r = json_response(status, &body);
+            r.headers.push((header_name.to_string(), header));
+            info!(task = %paid.task_id, code, "task not served; payment refunded");
+            r
+        }
+    };
+    if let Some(k) = &paid.idempotency_key
+        && let Err(e) = app.idempotency.complete(k, &stored)
+    {
+        warn!(error = %e, "cannot store the idempotent answer");
+    }
+    Ok(stored)
+}
+
+fn output_json(bytes: &[u8]) -> serde_json::Value {
+    if let Ok(v) = serde_json::from_slice::<serde_json::Value>(bytes) {
+        return v;
+    }
+    match std::str::from_utf8(bytes) {
+        Ok(s) => serde_json::Value::String(s.to_string()),
+        Err(_) => serde_json::json!({
+            "base64": base64::engine::general_purpose::STANDARD.encode(bytes)
+        }),
+    }
+}
+
+fn status_of(rec: Option<&TaskRecord>, escrow: Option<&EscrowStatus>) -> &'static str {
+    match escrow.map(|e| e.state) {
+        Some(EscrowState::Captured) => "completed",
+        Some(EscrowState::Refunded) => "refunded",
+        _ => match rec.map(|r| &r.phase) {
+            Some(Phase::Failed { .. }) => "failed",
+            _ => "running",
+        },
+    }
+}
+
+/// The JSON view of a paid task (the `200` body and `GET /v1/tasks/{id}`).
+pub fn task_body(
+    app: &AppState,
+    paid: &PaidTask,
+    rec: Option<&TaskRecord>,
+    escrow: Option<&EscrowStatus>,
+) -> serde_json::Value {
+    let mut body = serde_json::json!({
+        "task_id": paid.task_id.to_string(),
+        "status": status_of(rec, escrow),
+        "capability": paid.capability.to_string(),
+        "manifest_cid": paid.manifest_cid.to_string(),
+    });
+    if let Some(r) = rec {
+        let peer_of = |lease_cid: &Cid| {
+            r.leases
+                .iter()
+                .find(|l| &l.lease_cid == lease_cid)
+                .and_then(|l| libp2p::PeerId::from_bytes(&l.peer).ok())
+                .map(|p| p.to_string())
+                .unwrap_or_default()
+        };
+        let claims: Vec<_> = r
+            .claims
+            .iter()
+            .map(|c| {
+                serde_json::json!({
+                    "worker": peer_of(&c.claim.body.lease_cid),
+                    "claim_cid": c.claim.cid().map(|c| c.to_string()).unwrap_or_default(),
+                    "output_cid": c.claim.body.output_cid.to_string(),
+                    "judgement": match c.judgement {
+                        ClaimJudgement::Pending => "pending",
+                        ClaimJudgement::Accepted => "accepted",
+                        ClaimJudgement::Rejected => "rejected",
+                        ClaimJudgement::Unusable => "unusable",
+                    },
+                })
+            })
+            .collect();
+        let agreeing = r
+            .claims
+            .iter()
+            .filter(|c| c.judgement == ClaimJudgement::Accepted)
+            .count();
+        body["quorum"] = serde_json::json!({
+            "fanout": r.spec.fanout,
+            "quorum": r.spec.quorum,
+            "agreeing": agreeing,
+        });
+        body["claims"] = claims.into();
+        if let Some(out) = r.accepted_output {
+            body["output_cid"] = out.to_string().into();
+            if let Some(c) = r.claims.iter().find(|c| c.claim.body.output_cid == out) {
+                body["output"] = output_json(&c.claim.body.output);
+            }
+        }
+        if let Phase::Failed { reason } = &r.phase {
+            body["reason"] = reason.clone().into();
+        }
+    }
+    if let Some(receipt) = escrow.and_then(|e| e.receipt.as_ref()) {
+        let transfers: Vec<_> = receipt
+            .body
+            .transfers
+            .iter()
+            .map(|t| {
+                serde_json::json!({
+                    "role": t.role,
+                    "to": t.to,
+                    "units": t.units.to_string(),
+                })
+            })
+            .collect();
+        body["settlement"] = serde_json::json!({
+            "rail": "local",
+            "network": app.rail.network(),
+            "asset": receipt.body.charged.asset,
+            "price": receipt.body.charged.units.to_string(),
+            "transfers": transfers,
+        });
+        body["receipt"] = serde_json::to_value(receipt).unwrap_or_default();
+    }
+    body
+}
+
+/// `GET /v1/tasks/{id}`.
+pub async fn get_task(State(app): State<Arc<AppState>>, Path(id): Path<String>) -> Response {
+    let not_found = || {
+        ApiError::new(
+            StatusCode::NOT_FOUND,
+            "task_not_found",
+            format!("no task {id:?} on this gateway"),
+        )
+        .into_response()
+    };
+    let Ok(task_id) = id.parse::<TaskId>() else {
+        return not_found();
+    };
+    let paid = match paid_task(&app, &task_id) {
+        Ok(Some(p)) => p,
+        Ok(None) => return not_found(),
+        Err(e) => return internal(e).into_response(),
+    };
+    let rec = match app.coordinator.tasks().get(&task_id) {
+        Ok(r) => r,
+        Err(e) => return internal(e).into_response(),
+    };
+    let escrow = match app.rail.escrow(task_id) {
+        Ok(e) => e,
+        Err(e) => return internal(e).into_response(),
+    };
+    axum::Json(task_body(&app, &paid, rec.as_ref(), escrow.as_ref())).into_response()
+}
+
+/// Settles every payment a previous run left locked: the coordinator resumes the open
+/// tasks, and each locked payment is captured or refunded once its task ends (refunded at
+/// once when its task never started). Returns how many payments were left locked.
+pub fn recover(app: &Arc<AppState>) -> anyhow::Result<usize> {
+    let resumed = app.coordinator.resume()?;
+    if !resumed.is_empty() {
+        info!(tasks = resumed.len(), "coordinator tasks resumed");
+    }
+    let locked = app.rail.read(|r| r.locked_tasks())?;
+    for id in &locked {
+        let app = app.clone();
+        let id = *id;
+        tokio::spawn(
+            async move {
+                if let Err(e) = settle_when_done(&app, id).await {
+                    warn!(error = %e, "cannot settle a task of the last run");
+                }
+            }
+            .instrument(info_span!("recover", task = %id)),
+        );
+    }
+    Ok(locked.len())
+}
+
+async fn settle_when_done(app: &Arc<AppState>, id: TaskId) -> Result<(), ApiError> {
+    let paid = paid_task(app, &id).map_err(internal)?;
+    let rec = loop {
+        match app.coordinator.tasks().get(&id) {
+            Ok(Some(r)) if !r.phase.is_terminal() => {}
+            Ok(r) => break r,
+            Err(e) => warn!(error = %e, "cannot read the task; retrying"),
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(250)).await;
+    };
+    match paid {
+        Some(paid) => {
+            let stored = finish(app, &paid, rec.as_ref()).await?;
+            info!(status = stored.status, "payment of the last run settled");
+        }
+        None => {
+            // A lock without its record cannot happen (one transaction); refund it anyway.
+            let rail = app.rail.clone();
+            tokio::task::spawn_blocking(move || rail.refund_task(id, now_ms()))
+                .await
+                .map_err(internal)?
+                .map_err(internal)?;
+            warn!("locked payment without a task record refunded");
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn outputs_are_json_text_or_base64() {
+        assert_eq!(output_json(b"{\"a\":1}"), serde_json::json!({"a": 1}));
+        assert_eq!(output_json(b"# Title\n"), serde_json::json!("# Title\n"));
+        assert_eq!(
+            output_json(&[0xff, 0x00]),
+            serde_json::json!({"base64": "/wA="})
+        );
+    }
+
+    #[test]
+    fn request_hash_ignores_nothing_but_the_payment() {
+        let a = request_hash("x.y@1", &serde_json::json!({"url": "https://a"}));
+        let b = request_hash("x.y@1", &serde_json::json!({"url": "https://b"}));
+        let c = request_hash("x.z@1", &serde_json::json!({"url": "https://a"}));
+        assert_ne!(a, b);
+        assert_ne!(a, c);
+        assert_eq!(
+            a,
+            request_hash("x.y@1", &serde_json::json!({"url": "https://a"}))
+        );
+    }
+
+    #[test]
+    fn idempotency_keys_are_checked() {
+        let mut h = HeaderMap::new();
+        assert_eq!(idempotency_key(&h).unwrap(), None);
+        h.insert("idempotency-key", HeaderValue::from_static("abc-1"));
+        assert_eq!(idempotency_key(&h).unwrap().as_deref(), Some("abc-1"));
+        h.insert("idempotency-key", HeaderValue::from_static("a b"));
+        assert!(idempotency_key(&h).is_err());
+        let long = "k".repeat(MAX_IDEMPOTENCY_KEY + 1);
+        h.insert("idempotency-key", HeaderValue::from_str(&long).unwrap());
+        assert!(idempotency_key(&h).is_err());
+    }
+}
