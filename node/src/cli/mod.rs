@@ -5,9 +5,13 @@ use clap::{Parser, Subcommand};
 mod bench;
 mod capability;
 mod capability_run;
+mod devnet;
+mod http_client;
 mod node_cmd;
 mod peers;
 mod protocol;
+mod task;
+mod wallet;
 
 /// d402: a peer-to-peer market for compute, paid over HTTP 402.
 #[derive(Debug, Parser)]
@@ -31,6 +35,15 @@ enum Command {
     /// Measure the system (`d402 bench discovery`).
     #[command(subcommand)]
     Bench(bench::BenchCommand),
+    /// Local-rail wallets: create one, read a balance, use a dev gateway's faucet.
+    #[command(subcommand)]
+    Wallet(wallet::WalletCommand),
+    /// Run a paid task through a gateway (x402: 402, pay, result and receipt).
+    #[command(subcommand)]
+    Task(task::TaskCommand),
+    /// The main job: a local network (bootstrap, validator, 3 workers, gateway) and one
+    /// paid task across it, with the split and the balances.
+    Devnet(devnet::DevnetArgs),
 }
 
 impl Cli {
@@ -42,6 +55,9 @@ impl Cli {
             Command::Node(args) => node_cmd::run(*args),
             Command::Peers(args) => peers::run(args),
             Command::Bench(cmd) => bench::run(cmd),
+            Command::Wallet(cmd) => wallet::run(cmd),
+            Command::Task(cmd) => task::run(cmd),
+            Command::Devnet(args) => devnet::run(args),
         }
     }
 }
