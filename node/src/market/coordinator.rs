@@ -21,7 +21,7 @@ use std::{
 
 use d402_protocol::{
     Cid, Signed, SigningKey, TaskId,
-    messages::{BidRequest, BidResponse, Claim, ClaimAck, Lease, LeaseAck},
+    messages::{BidRequest, BidResponse, Claim, ClaimAck, Lease, LeaseAck, VerdictOutcome},
     types::MESSAGE_VERSION,
 };
 use futures::future::join_all;
@@ -36,11 +36,17 @@ use super::{
     reputation::{Outcome, Reputation},
     selection::{self, Candidate},
     tasks::{
-        BidRec, ClaimJudgement, ClaimRec, LeaseRec, LeaseStatus, Phase, TaskRecord, TaskSpec, Tasks,
+        BidRec, ClaimJudgement, ClaimRec, LeaseRec, LeaseStatus, Phase, TaskRecord, TaskSpec,
+        Tasks, VerdictRec,
     },
+    validator::validator_key,
 };
 use crate::{
-    net::{LookupOptions, NetHandle, public_key_of},
+    net::{
+        LookupOptions, NetHandle,
+        codec::{VerdictRequest, VerdictResponse},
+        public_key_of,
+    },
     state::{State, StateError},
 };
 
@@ -114,13 +120,19 @@ pub enum CoordinatorError {
     NotFound(TaskId),
 }
 
-/// Timers of the coordinator.
+/// Timers and terms of the coordinator.
 #[derive(Debug, Clone)]
 pub struct CoordinatorConfig {
     /// How long a lease runs before it is reassigned (capped by the task's deadline).
     pub lease_timeout: Duration,
     /// How long the provider lookup may take.
     pub lookup_timeout: Duration,
+    /// Agreeing validator verdicts required on top of the quorum (`--validators N`); 0
+    /// asks none. Copied into each new task's record, so a resumed task keeps its terms.
+    pub validators: u32,
+    /// Validators asked first (`--validator-peer`), before those found under
+    /// [`super::validator::validator_key`].
+    pub validator_peers: Vec<(PeerId, Vec<Multiaddr>)>,
 }
 
 impl Default for CoordinatorConfig {
@@ -128,6 +140,8 @@ impl Default for CoordinatorConfig {
         CoordinatorConfig {
             lease_timeout: Duration::from_secs(60),
             lookup_timeout: Duration::from_secs(5),
+            validators: 0,
+            validator_peers: Vec::new(),
         }
     }
 }
@@ -204,7 +218,9 @@ impl Coordinator {
     /// Runs a new task to its end and returns its final record.
     pub async fn run_task(&self, spec: TaskSpec) -> Result<TaskRecord, CoordinatorError> {
         let id = spec.task_id;
-        if !self.inner.tasks.create(&TaskRecord::new(spec, now_ms()))? {
+        let mut rec = TaskRecord::new(spec, now_ms());
+        rec.validators = self.inner.cfg.validators;
+        if !self.inner.tasks.create(&rec)? {
             return Err(CoordinatorError::Exists(id));
         }
         self.drive(id).await
@@ -459,6 +475,30 @@ impl Coordinator {
             ..
         } = quorum::decide(&votes, rec.spec.quorum as usize, open)
         {
+            // 3b. The validators' verdicts, when the task requires some.
+            if rec.validators > 0 {
+                match self.validate(&rec, output_cid).await? {
+                    Validation::Agreed => {}
+                    Validation::Blocked(reason) => {
+                        warn!(%reason, "acceptance blocked by a validator");
+                        let r = inner
+                            .tasks
+                            .update(&id, |r| {
+                                r.phase = Phase::Failed { reason };
+                                r.updated_at = now_ms();
+                                Ok::<_, CoordinatorError>(r.clone())
+                            })?
+                            .ok_or(CoordinatorError::NotFound(id))?;
+                        return Ok(Some(r));
+                    }
+                    Validation::Pending => {
+                        let left = rec.spec.deadline.saturating_sub(now_ms());
+                        let wait = Duration::from_millis(left.clamp(1, 500));
+                        let _ = tokio::time::timeout(wait, notified).await;
+                        return Ok(None);
+                    }
+                }
+            }
             // Judge every claim recorded by now, including any that arrived after `votes`
             // was read, and credit exactly the claims judged here (each claim once).
             let (done, judged) = inner
@@ -692,6 +732,150 @@ impl Coordinator {
         Ok(to_send.len())
     }
 
+    /// Validators to ask: `validator_peers` first, then those announced under the
+    /// validator key; never this node nor a worker leased for the task.
+    async fn validator_candidates(&self, rec: &TaskRecord) -> Vec<(PeerId, Vec<Multiaddr>)> {
+        let net = &self.inner.net;
+        let mut seen: HashSet<PeerId> = rec
+            .leases
+            .iter()
+            .filter_map(|l| peer_from(&l.peer))
+            .collect();
+        seen.insert(net.local_peer_id());
+        let mut out = Vec::new();
+        for (p, a) in &self.inner.cfg.validator_peers {
+            if seen.insert(*p) {
+                out.push((*p, a.clone()));
+            }
+        }
+        let opts = LookupOptions {
+            limit: None,
+            timeout: self.inner.cfg.lookup_timeout,
+        };
+        if let Ok(found) = net.find_providers(validator_key(), opts).await {
+            for p in found {
+                if seen.insert(p.peer_id) {
+                    out.push((p.peer_id, p.addrs));
+                }
+            }
+        }
+        out
+    }
+
+    /// Asks validators for verdicts on the first claim agreeing with `output_cid` until the
+    /// task's required number agree; every verdict is committed to the task before it is
+    /// acted on. Any `disagree` blocks acceptance; `unable` counts neither way.
+    async fn validate(
+        &self,
+        rec: &TaskRecord,
+        output_cid: Cid,
+    ) -> Result<Validation, CoordinatorError> {
+        let inner = &self.inner;
+        let id = rec.spec.task_id;
+        let need = rec.validators as usize;
+        let Some(claim) = rec
+            .claims
+            .iter()
+            .find(|c| {
+                c.judgement != ClaimJudgement::Unusable && c.claim.body.output_cid == output_cid
+            })
+            .map(|c| c.claim.clone())
+        else {
+            return Ok(Validation::Pending);
+        };
+        let claim_cid = claim.cid()?;
+        let Some(lease) = rec
+            .leases
+            .iter()
+            .find(|l| l.lease_cid == claim.body.lease_cid)
+            .map(|l| l.lease.clone())
+        else {
+            return Ok(Validation::Pending);
+        };
+        let judged = |r: &TaskRecord| tally(&r.verdicts, &claim_cid, need);
+        if let Some(done) = judged(rec) {
+            return Ok(done);
+        }
+        let asked: HashSet<Vec<u8>> = rec
+            .verdicts
+            .iter()
+            .filter(|v| v.verdict.body.claim_cid == claim_cid)
+            .map(|v| v.peer.clone())
+            .collect();
+        let agreeing = rec
+            .verdicts
+            .iter()
+            .filter(|v| v.verdict.body.claim_cid == claim_cid)
+            .filter(|v| v.verdict.body.outcome == VerdictOutcome::Agree)
+            .count();
+        let cands: Vec<_> = self
+            .validator_candidates(rec)
+            .await
+            .into_iter()
+            .filter(|(p, _)| !asked.contains(&p.to_bytes()))
+            .take(need.saturating_sub(agreeing))
+            .collect();
+        if cands.is_empty() {
+            debug!("no validator left to ask yet");
+            return Ok(Validation::Pending);
+        }
+        info!(validators = cands.len(), claim = %claim_cid, "asking for verdicts");
+        let request = VerdictRequest { lease, claim };
+        let answers = join_all(cands.into_iter().map(|(peer, addrs)| {
+            let request = request.clone();
+            async move { (peer, inner.net.request_verdict(peer, addrs, request).await) }
+        }))
+        .await;
+        let mut fresh = Vec::new();
+        for (peer, answer) in answers {
+            match answer {
+                Ok(VerdictResponse::Verdict(v)) => {
+                    let ok = public_key_of(&peer)
+                        .ok()
+                        .filter(|k| v.verify_from(k).is_ok())
+                        .is_some()
+                        && v.body.task_id == id
+                        && v.body.claim_cid == claim_cid
+                        && v.body.output_cid == output_cid;
+                    if ok {
+                        info!(%peer, outcome = ?v.body.outcome, "verdict received");
+                        fresh.push(VerdictRec {
+                            peer: peer.to_bytes(),
+                            verdict: *v,
+                        });
+                    } else {
+                        warn!(%peer, "verdict refused: bad signature or not about this claim");
+                    }
+                }
+                Ok(VerdictResponse::Busy) => info!(%peer, "validator busy"),
+                Ok(VerdictResponse::Refused { reason }) => {
+                    info!(%peer, %reason, "validator refused the request")
+                }
+                Err(e) => info!(%peer, error = %e, "no verdict"),
+            }
+        }
+        if fresh.is_empty() {
+            return Ok(Validation::Pending);
+        }
+        let r = inner
+            .tasks
+            .update(&id, |r| {
+                for v in fresh {
+                    if !r
+                        .verdicts
+                        .iter()
+                        .any(|x| x.peer == v.peer && x.verdict.body.claim_cid == claim_cid)
+                    {
+                        r.verdicts.push(v);
+                    }
+                }
+                r.updated_at = now_ms();
+                Ok::<_, CoordinatorError>(r.clone())
+            })?
+            .ok_or(CoordinatorError::NotFound(id))?;
+        Ok(judged(&r).unwrap_or(Validation::Pending))
+    }
+
     /// Handles a claim from `peer`: checks it against the lease it names and records it
     /// (committed before the acknowledgement).
     pub fn on_claim(&self, peer: PeerId, claim: Signed<Claim>) -> ClaimAck {
@@ -779,6 +963,42 @@ impl Coordinator {
         }
         Ok(())
     }
+}
+
+/// Where the validators stand on a task's accepted claim.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Validation {
+    /// Enough agreeing verdicts.
+    Agreed,
+    /// A validator disagreed: the task is not accepted (the reason says who and what).
+    Blocked(String),
+    /// More verdicts are needed.
+    Pending,
+}
+
+/// Judges the recorded verdicts on `claim_cid`: any `disagree` blocks, `need` agreeing
+/// accept, otherwise `None` (undecided).
+fn tally(verdicts: &[VerdictRec], claim_cid: &Cid, need: usize) -> Option<Validation> {
+    let mut agreeing = 0;
+    for v in verdicts
+        .iter()
+        .filter(|v| &v.verdict.body.claim_cid == claim_cid)
+    {
+        match &v.verdict.body.outcome {
+            VerdictOutcome::Agree => agreeing += 1,
+            VerdictOutcome::Disagree { recomputed } => {
+                let who = peer_from(&v.peer)
+                    .map(|p| p.to_string())
+                    .unwrap_or_default();
+                return Some(Validation::Blocked(format!(
+                    "validator {who} disagreed: it recomputed {recomputed}, the quorum claimed {}",
+                    v.verdict.body.output_cid
+                )));
+            }
+            VerdictOutcome::Unable { .. } => {}
+        }
+    }
+    (agreeing >= need).then_some(Validation::Agreed)
 }
 
 /// Whether a snapshot is plausible for the task: its length matches, its status is a

@@ -11,15 +11,19 @@
 //! - [`worker`]: bids, leases, runs and claims;
 //! - [`coordinator`]: the gateway's side, persisted in [`tasks`];
 //! - [`blobs`]: snapshots, manifests and modules by CID;
-//! - [`service`]: dispatches inbound requests from the bounded queue.
+//! - [`validator`]: re-runs a claim's deterministic step and signs a verdict;
+//! - [`service`]: dispatches inbound requests from the bounded queue;
+//! - [`ops`]: the status `d402 ops-monitor` shows, served on the node's control socket.
 
 pub mod blobs;
 pub mod coordinator;
+pub mod ops;
 pub mod quorum;
 pub mod reputation;
 pub mod selection;
 pub mod service;
 pub mod tasks;
+pub mod validator;
 pub mod worker;
 
 /// Now, in Unix milliseconds.

@@ -1,11 +1,12 @@
 //! The market service: takes the node's inbound market requests off the bounded queue and
-//! hands each to the part of the node that answers it (worker, coordinator, blob store).
+//! hands each to the part of the node that answers it (worker, coordinator, validator,
+//! blob store).
 
 use libp2p::PeerId;
 use tokio::{sync::mpsc, task::JoinHandle};
 use tracing::debug;
 
-use super::{blobs::BlobStore, coordinator::Coordinator, worker::Worker};
+use super::{blobs::BlobStore, coordinator::Coordinator, validator::Validator, worker::Worker};
 use crate::net::{Inbound, NetError, NetHandle, codec::VerdictResponse};
 use d402_protocol::messages::{BidResponse, ClaimAck, DeclineReason, LeaseAck};
 
@@ -16,6 +17,8 @@ pub struct Services {
     pub worker: Option<Worker>,
     /// Buys work (answers claims).
     pub coordinator: Option<Coordinator>,
+    /// Judges claims (answers verdict requests).
+    pub validator: Option<Validator>,
     /// Serves blobs.
     pub blobs: BlobStore,
 }
@@ -75,11 +78,19 @@ async fn run(mut rx: mpsc::Receiver<Inbound>, s: Services) {
                 };
                 let _ = reply.send(r);
             }
-            Inbound::Verdict { reply, .. } => {
-                let _ = reply.send(VerdictResponse::Refused {
-                    reason: "not_a_validator".into(),
-                });
-            }
+            Inbound::Verdict {
+                peer,
+                request,
+                reply,
+            } => match &s.validator {
+                // Answers at once (refusal, busy) or from a task of its own after the re-run.
+                Some(v) => v.on_verdict_request(peer, request, reply),
+                None => {
+                    let _ = reply.send(VerdictResponse::Refused {
+                        reason: "not_a_validator".into(),
+                    });
+                }
+            },
             Inbound::Blob {
                 peer,
                 request,

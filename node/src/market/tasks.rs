@@ -4,7 +4,7 @@
 
 use d402_protocol::{
     Amount, CapabilityRef, Cid, RailKind, Signed, TaskId, UnixMillis,
-    messages::{Bid, Claim, Lease},
+    messages::{Bid, Claim, Lease, Verdict},
 };
 use redb::{ReadableTable, TableDefinition};
 use serde::{Deserialize, Serialize};
@@ -162,6 +162,27 @@ pub struct TaskRecord {
     pub accepted_output: Option<Cid>,
     /// Last update.
     pub updated_at: UnixMillis,
+    /// Agreeing validator verdicts required on top of the quorum (absent when 0, so
+    /// records written before validators existed still decode).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub validators: u32,
+    /// Signed verdicts received, in order of arrival (committed before they are acted on).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub verdicts: Vec<VerdictRec>,
+}
+
+fn is_zero(n: &u32) -> bool {
+    *n == 0
+}
+
+/// A validator's verdict on one of the task's claims.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct VerdictRec {
+    /// The validator's PeerId bytes.
+    #[serde(with = "serde_bytes")]
+    pub peer: Vec<u8>,
+    /// The signed verdict (names the claim by CID).
+    pub verdict: Signed<Verdict>,
 }
 
 impl TaskRecord {
@@ -178,6 +199,8 @@ impl TaskRecord {
             pinned: None,
             accepted_output: None,
             updated_at: now,
+            validators: 0,
+            verdicts: Vec::new(),
         }
     }
 }

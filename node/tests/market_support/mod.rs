@@ -134,6 +134,7 @@ pub async fn start_worker(dir: &Path, cfg: WorkerConfig) -> MarketNode {
         Services {
             worker: Some(worker.clone()),
             coordinator: None,
+            validator: None,
             blobs,
         },
         64,
@@ -156,6 +157,7 @@ pub fn coordinator_config() -> CoordinatorConfig {
     CoordinatorConfig {
         lease_timeout: Duration::from_secs(20),
         lookup_timeout: Duration::from_millis(500),
+        ..CoordinatorConfig::default()
     }
 }
 
@@ -181,6 +183,7 @@ pub async fn start_gateway(
         Services {
             worker: None,
             coordinator: Some(coordinator.clone()),
+            validator: None,
             blobs,
         },
         64,

@@ -1,0 +1,169 @@
+//! Validators on loopback with real nodes: a gateway requiring one validator verdict on top
+//! of a quorum of two accepts only with an agreeing signed verdict (which the validator
+//! computed by fetching the manifest and module by CID from a worker and re-running the
+//! Wasm), and a disagreeing validator blocks acceptance.
+
+#![allow(clippy::unwrap_used)]
+
+mod market_support;
+
+use std::net::Ipv4Addr;
+
+use d402_node::{
+    market::{
+        blobs::BlobStore,
+        reputation::Policy,
+        service::{self, Services},
+        tasks::{Phase, TaskRecord},
+        validator::{Validator, ValidatorConfig},
+        worker::WorkerConfig,
+    },
+    net::{self, NetConfig, public_key_of},
+    state::State,
+};
+use d402_protocol::{RailKind, SigningKey, messages::VerdictOutcome};
+use libp2p::multiaddr::Protocol;
+use market_support::*;
+
+struct ValidatorNode {
+    node: net::Node,
+    addr: libp2p::Multiaddr,
+    validator: Validator,
+    service: tokio::task::JoinHandle<()>,
+}
+
+async fn start_validator(dir: &std::path::Path, cfg: ValidatorConfig) -> ValidatorNode {
+    let seed = seed();
+    let state = State::open(dir).unwrap();
+    let mut ncfg = NetConfig::new(Ipv4Addr::LOCALHOST.into(), 0);
+    ncfg.quic = false;
+    let node = net::start(ncfg, &SigningKey::from_bytes(&seed), state)
+        .await
+        .unwrap();
+    let net = node.handle();
+    let addr = net
+        .listen_addrs()
+        .await
+        .unwrap()
+        .into_iter()
+        .find(|a| a.iter().any(|p| matches!(p, Protocol::Tcp(_))))
+        .unwrap();
+    let blobs = BlobStore::new(64 * 1024 * 1024);
+    let validator = Validator::new(
+        SigningKey::from_bytes(&seed),
+        net.clone(),
+        runner(),
+        cfg,
+        blobs.clone(),
+    );
+    let service = service::serve(
+        &net,
+        Services {
+            worker: None,
+            coordinator: None,
+            validator: Some(validator.clone()),
+            blobs,
+        },
+        16,
+    )
+    .await
+    .unwrap();
+    ValidatorNode {
+        node,
+        addr,
+        validator,
+        service,
+    }
+}
+
+/// Three honest workers, one validator (honest or not), a gateway with quorum 2 and one
+/// required verdict; returns the task's final record and the validator's PeerId.
+async fn run(always_disagree: bool) -> (TaskRecord, libp2p::PeerId, Validator) {
+    let dirs: Vec<_> = (0..5).map(|_| tempfile::tempdir().unwrap()).collect();
+    let offer = echo_offer(10);
+    let mut workers = Vec::new();
+    for (i, d) in dirs[2..].iter().enumerate() {
+        let cfg = WorkerConfig::new(
+            vec![offer.clone()],
+            vec![RailKind::Local],
+            wallets(&format!("worker{i}")),
+        );
+        workers.push(start_worker(d.path(), cfg).await);
+    }
+    #[allow(unused_mut)]
+    let mut vcfg = ValidatorConfig::default();
+    vcfg.faults.always_disagree = always_disagree;
+    let v = start_validator(dirs[1].path(), vcfg).await;
+    let vpeer = v.node.peer_id();
+    // The validator has neither the manifest nor the module: it fetches both by CID from
+    // the worker whose claim it judges, so it must be able to reach the workers.
+    for w in &workers {
+        v.node.handle().connect(w.addr.clone()).await.unwrap();
+    }
+    let mut cfg = coordinator_config();
+    cfg.validators = 1;
+    cfg.validator_peers = vec![(vpeer, vec![v.addr.clone()])];
+    let gw = start_gateway(dirs[0].path(), seed(), 0, cfg, Policy::default()).await;
+    for w in &workers {
+        gw.net.connect(w.addr.clone()).await.unwrap();
+    }
+    let coord = gw.coordinator.clone().unwrap();
+    let spec = task(&offer, br#"{"n":7}"#, 3, 2);
+    let done = tokio::time::timeout(TIMEOUT, coord.run_task(spec))
+        .await
+        .unwrap()
+        .unwrap();
+    // What is returned was read back from redb.
+    let stored = coord.tasks().get(&done.spec.task_id).unwrap().unwrap();
+    assert_eq!(stored.phase, done.phase);
+    assert_eq!(stored.verdicts, done.verdicts);
+    for w in workers {
+        w.stop().await;
+    }
+    gw.stop().await;
+    v.service.abort();
+    let validator = v.validator.clone();
+    v.node.shutdown().await;
+    (done, vpeer, validator)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn quorum_2_plus_1_validator_accepted_with_a_recorded_signed_verdict() {
+    let (done, vpeer, validator) = run(false).await;
+    assert_eq!(done.phase, Phase::Accepted, "{done:?}");
+    assert_eq!(done.validators, 1);
+    assert_eq!(done.verdicts.len(), 1, "{:?}", done.verdicts);
+    let v = &done.verdicts[0];
+    assert_eq!(v.peer, vpeer.to_bytes());
+    // Signed by the validator's node key, about a claim with the accepted output.
+    v.verdict
+        .verify_from(&public_key_of(&vpeer).unwrap())
+        .unwrap();
+    assert_eq!(v.verdict.body.outcome, VerdictOutcome::Agree);
+    assert_eq!(Some(v.verdict.body.output_cid), done.accepted_output);
+    let judged = done
+        .claims
+        .iter()
+        .find(|c| c.claim.cid().unwrap() == v.verdict.body.claim_cid)
+        .expect("the verdict names a recorded claim");
+    assert_eq!(judged.claim.body.output_cid, v.verdict.body.output_cid);
+    assert!(v.verdict.body.fuel_used > 0);
+    assert_eq!(validator.stats().agreed, 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_disagreeing_validator_blocks_acceptance() {
+    let (done, vpeer, validator) = run(true).await;
+    let Phase::Failed { reason } = &done.phase else {
+        panic!("accepted despite a disagreeing verdict: {done:?}");
+    };
+    assert!(reason.contains("disagreed"), "{reason}");
+    assert!(reason.contains(&vpeer.to_string()), "{reason}");
+    assert_eq!(done.accepted_output, None);
+    assert_eq!(done.verdicts.len(), 1);
+    assert!(matches!(
+        done.verdicts[0].verdict.body.outcome,
+        VerdictOutcome::Disagree { .. }
+    ));
+    assert_eq!(validator.stats().disagreed, 1);
+}
