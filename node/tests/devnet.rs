@@ -140,18 +140,18 @@ fn devnet_runs_a_paid_task_and_serves_the_client_commands() {
         }
     });
 
-    // Read until the devnet says it keeps running and names its gateway.
+    // Read until the devnet has printed how to use it (its last line names `wallet balance`).
     let deadline = Instant::now() + DEVNET_TIMEOUT;
     let mut printed = String::new();
     let mut progress = String::new();
-    let gateway = loop {
+    loop {
         let left = deadline.saturating_duration_since(Instant::now());
         match rx.recv_timeout(left) {
             Ok((true, line)) => {
                 printed.push_str(&line);
                 printed.push('\n');
-                if let Some(url) = line.strip_prefix("gateway: ") {
-                    break url.trim().to_string();
+                if line.contains("d402 wallet balance") {
+                    break;
                 }
             }
             Ok((false, line)) => {
@@ -163,7 +163,13 @@ fn devnet_runs_a_paid_task_and_serves_the_client_commands() {
                 guard.0.try_wait()
             ),
         }
-    };
+    }
+    let gateway = printed
+        .lines()
+        .find_map(|l| l.strip_prefix("gateway:"))
+        .expect("a gateway line")
+        .trim()
+        .to_string();
     let all = format!("stdout:\n{printed}\nstderr:\n{progress}");
 
     // The page's Markdown: converted by the Wasm capability from Chromium's snapshot.
