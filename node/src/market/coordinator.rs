@@ -36,8 +36,8 @@ use super::{
     reputation::{Outcome, Reputation},
     selection::{self, Candidate},
     tasks::{
-        BidRec, ClaimJudgement, ClaimRec, LeaseRec, LeaseStatus, Phase, TaskRecord, TaskSpec,
-        Tasks, VerdictRec,
+        BidRec, ClaimJudgement, ClaimRec, LeaseRec, LeaseStatus, PassedBid, Phase, TaskRecord,
+        TaskSpec, Tasks, VerdictRec,
     },
     validator::validator_key,
 };
@@ -329,23 +329,34 @@ impl Coordinator {
         .await;
         let now = now_ms();
         let mut valid = Vec::new();
+        let mut passed = Vec::new();
         for (peer, answer) in answers {
             match answer {
                 Ok(BidResponse::Bid(bid)) => {
-                    let ok = public_key_of(&peer)
+                    let signed = public_key_of(&peer)
                         .ok()
                         .filter(|k| bid.verify_from(k).is_ok())
-                        .is_some()
-                        && bid.body.request_cid == request_cid
+                        .is_some();
+                    let matches = bid.body.request_cid == request_cid
                         && bid.body.task_id == spec.task_id
                         && bid.body.manifest_cid == spec.manifest_cid
                         && bid.body.rail == spec.rail
                         && bid.body.price.asset == spec.budget.asset
                         && bid.body.expires_at > now;
-                    if ok {
-                        valid.push((peer, *bid));
-                    } else {
-                        warn!(%peer, "bid refused: bad signature or does not match the request");
+                    let refused = match (signed, matches) {
+                        (true, true) => None,
+                        (false, _) => Some("bad_signature: not signed by the responding peer"),
+                        (true, false) => Some("mismatch: the bid does not answer the request"),
+                    };
+                    match refused {
+                        None => valid.push((peer, *bid)),
+                        Some(reason) => {
+                            warn!(%peer, reason, "bid refused");
+                            passed.push(PassedBid {
+                                peer: peer.to_bytes(),
+                                reason: reason.into(),
+                            });
+                        }
                     }
                 }
                 Ok(BidResponse::Declined(reason)) => {
@@ -371,7 +382,12 @@ impl Coordinator {
         }
         let sel = selection::select(cands, fanout, max_each);
         for (c, why) in &sel.passed {
-            info!(worker = %hex::encode(c.worker.0), price = c.price, reason = ?why, "bid not chosen");
+            let reason = why.describe();
+            info!(peer = %valid[c.worker.1].0, price = c.price, %reason, "bid not chosen");
+            passed.push(PassedBid {
+                peer: valid[c.worker.1].0.to_bytes(),
+                reason,
+            });
         }
         let order: Vec<usize> = sel
             .chosen
@@ -392,6 +408,7 @@ impl Coordinator {
         info!(bids = bids.len(), chosen = sel.chosen.len(), "bids ranked");
         inner.tasks.update(&spec.task_id, |r| {
             r.bids = bids;
+            r.passed = passed;
             r.phase = if r.bids.is_empty() {
                 Phase::Failed {
                     reason: "no usable bids".into(),

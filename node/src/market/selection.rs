@@ -88,6 +88,24 @@ pub fn select<W: Ord + Clone>(
     Selection { chosen, passed }
 }
 
+impl NotChosen {
+    /// A stable code first, then details: what the gateway records for the bidder.
+    pub fn describe(&self) -> String {
+        match self {
+            NotChosen::OverBudget { price, max } => {
+                format!("over_budget: asks {price}, at most {max} per worker")
+            }
+            NotChosen::Reputation(Ineligible::Banned { until }) => {
+                format!("banned: until {until} (Unix ms)")
+            }
+            NotChosen::Reputation(Ineligible::LowScore { score, min }) => {
+                format!("low_score: {score} ppm, below {min}")
+            }
+            NotChosen::Outranked => "outranked: enough better-ranked bids".into(),
+        }
+    }
+}
+
 impl<W> Selection<W> {
     /// Replacement bids for leases that fail, best first.
     pub fn replacements(&self) -> impl Iterator<Item = &Candidate<W>> {

@@ -79,6 +79,17 @@ pub struct BidRec {
     pub used: bool,
 }
 
+/// A bid that was refused or not chosen, and why (the gateway's "why idle" for the bidder).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PassedBid {
+    /// The bidder's PeerId bytes.
+    #[serde(with = "serde_bytes")]
+    pub peer: Vec<u8>,
+    /// Why: a stable code first (`bad_signature`, `mismatch`, `over_budget`, `banned`,
+    /// `low_score`, `outranked`), then details.
+    pub reason: String,
+}
+
 /// What became of a lease.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -148,6 +159,10 @@ pub struct TaskRecord {
     pub phase: Phase,
     /// Bids, in selection order.
     pub bids: Vec<BidRec>,
+    /// Bids refused or not chosen, with the reason (`outranked` ones stay in `bids` as
+    /// replacements).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub passed: Vec<PassedBid>,
     /// Leases, in order of issue.
     pub leases: Vec<LeaseRec>,
     /// Claims, in order of arrival.
@@ -192,6 +207,7 @@ impl TaskRecord {
             spec,
             phase: Phase::Bidding,
             bids: Vec::new(),
+            passed: Vec::new(),
             leases: Vec::new(),
             claims: Vec::new(),
             next_token: 1,

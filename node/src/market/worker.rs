@@ -473,11 +473,17 @@ impl Worker {
         let gw = peer_id_of(&lease.signer)?;
         let mut delay = Duration::from_millis(200);
         loop {
-            match inner
+            // The gateway's addresses from its signed peer record, so that a gateway that
+            // restarted (connection gone) is redialled rather than waited for.
+            let addrs = inner
                 .net
-                .request_claim(gw, Vec::new(), signed.clone())
+                .peers()
                 .await
-            {
+                .ok()
+                .and_then(|ps| ps.into_iter().find(|p| p.peer_id == gw))
+                .map(|p| p.addrs)
+                .unwrap_or_default();
+            match inner.net.request_claim(gw, addrs, signed.clone()).await {
                 Ok(ClaimAck::Received) => {
                     inner.claims_sent.fetch_add(1, Ordering::SeqCst);
                     info!(output = %signed.body.output_cid, "claim received by the gateway");

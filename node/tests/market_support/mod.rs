@@ -90,13 +90,43 @@ pub struct MarketNode {
 }
 
 impl MarketNode {
+    /// Stops the service and the network layer and waits for both, so that the node's
+    /// database is closed when this returns (it can be reopened at once).
     pub async fn stop(self) {
         self.service.abort();
+        let _ = self.service.await;
         self.node.shutdown().await;
+    }
+
+    /// The node's public key (what bids, leases and reputation rows name).
+    pub fn key(&self) -> [u8; 32] {
+        SigningKey::from_bytes(&self.seed)
+            .verifying_key()
+            .to_bytes()
+    }
+
+    /// The node's PeerId.
+    pub fn peer(&self) -> libp2p::PeerId {
+        self.net.local_peer_id()
+    }
+
+    /// The TCP port it listens on.
+    pub fn port(&self) -> u16 {
+        self.addr
+            .iter()
+            .find_map(|p| match p {
+                Protocol::Tcp(port) => Some(port),
+                _ => None,
+            })
+            .unwrap()
     }
 }
 
-async fn start_net(dir: &Path, seed: [u8; 32], port: u16) -> (Node, NetHandle, Multiaddr, State) {
+pub async fn start_net(
+    dir: &Path,
+    seed: [u8; 32],
+    port: u16,
+) -> (Node, NetHandle, Multiaddr, State) {
     let state = State::open(dir).unwrap();
     let mut cfg = NetConfig::new(Ipv4Addr::LOCALHOST.into(), port);
     cfg.quic = false;
@@ -119,13 +149,24 @@ pub fn wallets(name: &str) -> BTreeMap<Chain, String> {
 }
 
 pub async fn start_worker(dir: &Path, cfg: WorkerConfig) -> MarketNode {
+    start_worker_with(dir, cfg, runner(), None).await
+}
+
+/// A worker running with `runner`; with `signing_seed`, it signs its bids, claims and
+/// everything else with that key instead of its node key (an impostor).
+pub async fn start_worker_with(
+    dir: &Path,
+    cfg: WorkerConfig,
+    runner: Runner,
+    signing_seed: Option<[u8; 32]>,
+) -> MarketNode {
     let seed = seed();
     let (node, net, addr, state) = start_net(dir, seed, 0).await;
     let blobs = BlobStore::new(64 * 1024 * 1024);
     let worker = Worker::new(
-        SigningKey::from_bytes(&seed),
+        SigningKey::from_bytes(&signing_seed.unwrap_or(seed)),
         net.clone(),
-        runner(),
+        runner,
         cfg,
         blobs.clone(),
     );
