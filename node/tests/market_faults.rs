@@ -681,6 +681,54 @@ impl Drop for LivePage {
     }
 }
 
+/// The built-in `web.page_to_markdown@1`, offered at `floor`.
+fn page_offer(floor: u64) -> d402_node::market::worker::OfferedCapability {
+    let builtin = d402_node::capstore::builtin_capabilities()
+        .into_iter()
+        .find(|b| b.manifest.id == "web.page_to_markdown")
+        .unwrap();
+    d402_node::market::worker::OfferedCapability {
+        manifest_cid: builtin.manifest.cid().unwrap(),
+        manifest: builtin.manifest.clone(),
+        wasm: std::sync::Arc::new(builtin.wasm.to_vec()),
+        floor,
+        asset: ASSET.into(),
+    }
+}
+
+/// A runner whose only snapshotter is the real `fetch`, allowed to load loopback pages.
+fn fetch_runner() -> d402_runtime::Runner {
+    use d402_capabilities::SnapshotterKind;
+    use d402_runtime::{
+        Executor, ExecutorConfig, FetchConfig, FetchSnapshotter, Grants, Runner, Snapshotters,
+        UrlPolicy,
+    };
+    let executor = Executor::new(ExecutorConfig {
+        cache_dir: None,
+        max_concurrent: 2,
+        max_memory_bytes: 512 * 1024 * 1024,
+    })
+    .unwrap();
+    let grants = Grants {
+        snapshotters: [SnapshotterKind::Fetch].into_iter().collect(),
+        ..Grants::default()
+    };
+    let fetch = FetchSnapshotter::new(
+        UrlPolicy::allow_loopback_for_tests(),
+        FetchConfig::default(),
+    )
+    .unwrap();
+    Runner::new(
+        executor,
+        grants,
+        Snapshotters {
+            fetch: Some(fetch),
+            chromium: None,
+            fallback_to_fetch: false,
+        },
+    )
+}
+
 /// Quorum over a page that differs on every load: the built-in `web.page_to_markdown@1`
 /// run by 3 workers with the real `fetch` snapshotter (loopback allowed for the test),
 /// fanout 3, quorum 2. Only the primary loads the page; the gateway pins its snapshot and
@@ -688,49 +736,8 @@ impl Drop for LivePage {
 /// so all three claims name the same snapshot CID and agree.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn quorum_over_a_live_page_via_a_pinned_snapshot() {
-    use d402_capabilities::SnapshotterKind;
-    use d402_runtime::{
-        Executor, ExecutorConfig, FetchConfig, FetchSnapshotter, Grants, Runner, Snapshotters,
-        UrlPolicy,
-    };
     let page = LivePage::start();
-    let builtin = d402_node::capstore::builtin_capabilities()
-        .into_iter()
-        .find(|b| b.manifest.id == "web.page_to_markdown")
-        .unwrap();
-    let offer = d402_node::market::worker::OfferedCapability {
-        manifest_cid: builtin.manifest.cid().unwrap(),
-        manifest: builtin.manifest.clone(),
-        wasm: std::sync::Arc::new(builtin.wasm.to_vec()),
-        floor: 10,
-        asset: ASSET.into(),
-    };
-    let fetch_runner = || {
-        let executor = Executor::new(ExecutorConfig {
-            cache_dir: None,
-            max_concurrent: 2,
-            max_memory_bytes: 512 * 1024 * 1024,
-        })
-        .unwrap();
-        let grants = Grants {
-            snapshotters: [SnapshotterKind::Fetch].into_iter().collect(),
-            ..Grants::default()
-        };
-        let fetch = FetchSnapshotter::new(
-            UrlPolicy::allow_loopback_for_tests(),
-            FetchConfig::default(),
-        )
-        .unwrap();
-        Runner::new(
-            executor,
-            grants,
-            Snapshotters {
-                fetch: Some(fetch),
-                chromium: None,
-                fallback_to_fetch: false,
-            },
-        )
-    };
+    let offer = page_offer(10);
     let dirs: Vec<_> = (0..4).map(|_| tempfile::tempdir().unwrap()).collect();
     let mut workers = Vec::new();
     for (i, d) in dirs[1..].iter().enumerate() {
@@ -781,6 +788,116 @@ async fn quorum_over_a_live_page_via_a_pinned_snapshot() {
     let markdown = String::from_utf8(rec.claims[0].claim.body.output.clone()).unwrap();
     assert!(markdown.contains("Load number 1 at"), "{markdown}");
     assert_eq!(page.loads(), 1, "only the primary loads the page");
+    for w in workers {
+        w.stop().await;
+    }
+    gw.stop().await;
+}
+
+/// The gateway restarts after it pinned the primary's snapshot of a live page. The two
+/// other leased workers never claim (their leases time out after the restart), so the
+/// replacement bidder is leased by the restarted gateway with the pinned snapshot, which it
+/// must fetch from that gateway: the snapshot is kept in redb, not only in memory. The task
+/// is accepted on the primary's and the replacement's agreeing claims, and the page was
+/// loaded once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn restarted_gateway_serves_the_pinned_snapshot_again() {
+    let page = LivePage::start();
+    let dirs: Vec<_> = (0..5).map(|_| tempfile::tempdir().unwrap()).collect();
+    // Ranked by price: the primary (5), two that accept and never claim (10), the
+    // replacement (20).
+    let mut workers = Vec::new();
+    for (i, (floor, silent)) in [(5, false), (10, true), (10, true), (20, false)]
+        .into_iter()
+        .enumerate()
+    {
+        let mut cfg = worker_cfg(&page_offer(floor), i);
+        if silent {
+            cfg.faults.claim_delay = Duration::from_secs(300);
+        }
+        workers.push(start_worker_with(dirs[i + 1].path(), cfg, fetch_runner(), None).await);
+    }
+    let gw_seed = seed();
+    let cfg = CoordinatorConfig {
+        lease_timeout: Duration::from_secs(8),
+        ..coordinator_config()
+    };
+    let gw = start_gateway(dirs[0].path(), gw_seed, 0, cfg.clone(), Policy::default()).await;
+    let port = gw.port();
+    for w in &workers {
+        gw.net.connect(w.addr.clone()).await.unwrap();
+    }
+    let offer = page_offer(20);
+    let input = serde_json::to_vec(&serde_json::json!({ "url": page.url })).unwrap();
+    let mut spec = task(&offer, &input, 3, 2);
+    spec.deadline = now_ms() + 120_000;
+    let id = spec.task_id;
+    let pinned = {
+        let coord = gw.coordinator.clone().unwrap();
+        let run = tokio::spawn({
+            let c = coord.clone();
+            async move { c.run_task(spec).await }
+        });
+        let pinned = eventually("snapshot pinned and both silent workers leased", || {
+            let c = coord.clone();
+            async move {
+                let r = c.tasks().get(&id).unwrap()?;
+                let accepted = r
+                    .leases
+                    .iter()
+                    .filter(|l| l.status == LeaseStatus::Accepted)
+                    .count();
+                (accepted == 2).then_some(r.pinned).flatten()
+            }
+        })
+        .await;
+        run.abort();
+        let _ = run.await;
+        pinned
+    };
+    gw.stop().await;
+    let replacement = workers[3].key();
+
+    let gw = start_gateway(dirs[0].path(), gw_seed, port, cfg, Policy::default()).await;
+    let coord = gw.coordinator.clone().unwrap();
+    assert_eq!(coord.resume().unwrap(), vec![id]);
+    let done = eventually("the resumed task ends", || {
+        let c = coord.clone();
+        async move {
+            let r = c.tasks().get(&id).unwrap()?;
+            r.phase.is_terminal().then_some(r)
+        }
+    })
+    .await;
+    assert_eq!(done.phase, Phase::Accepted, "{done:?}");
+    assert_eq!(done.pinned, Some(pinned));
+    let late = done
+        .claims
+        .iter()
+        .find(|c| c.claim.signer.0 == replacement)
+        .expect("the replacement claimed");
+    assert_eq!(late.claim.body.snapshot_cid, Some(pinned));
+    assert_eq!(late.judgement, ClaimJudgement::Accepted);
+    assert_eq!(
+        done.leases
+            .iter()
+            .filter(|l| l.status == LeaseStatus::Expired)
+            .count(),
+        2
+    );
+    assert_eq!(page.loads(), 1, "only the primary loaded the page");
+    // The task is over: its snapshot row is gone.
+    let kept = eventually("the pinned snapshot forgotten", || {
+        let c = coord.clone();
+        async move {
+            c.tasks()
+                .snapshot(&id, &pinned)
+                .unwrap()
+                .is_none()
+                .then_some(())
+        }
+    });
+    kept.await;
     for w in workers {
         w.stop().await;
     }

@@ -35,6 +35,9 @@ use crate::{
 pub enum BenchCommand {
     /// Discovery: join latency, lookup latency at scale, idle RSS (issue 5).
     Discovery(DiscoveryArgs),
+    /// Market: coordinator overhead for fanout 3 / quorum 2 against three bare round trips
+    /// (issue 6).
+    Market(super::bench_market::MarketArgs),
 }
 
 /// Arguments of `d402 bench discovery`.
@@ -74,6 +77,7 @@ pub fn run(cmd: BenchCommand) -> anyhow::Result<()> {
         .build()?;
     match cmd {
         BenchCommand::Discovery(args) => rt.block_on(discovery(args)),
+        BenchCommand::Market(args) => rt.block_on(super::bench_market::market(args)),
     }
 }
 

@@ -36,8 +36,8 @@ use super::{
     reputation::{Outcome, Reputation},
     selection::{self, Candidate},
     tasks::{
-        BidRec, ClaimJudgement, ClaimRec, LeaseRec, LeaseStatus, PassedBid, Phase, TaskRecord,
-        TaskSpec, Tasks, VerdictRec,
+        BidRec, ClaimJudgement, ClaimRec, LeaseRec, LeaseStatus, PassedBid, Phase, PinnedSnapshot,
+        TaskRecord, TaskSpec, Tasks, VerdictRec,
     },
     validator::validator_key,
 };
@@ -235,6 +235,8 @@ impl Coordinator {
             }
             let id = rec.spec.task_id;
             info!(task = %id, phase = ?rec.phase, "resuming task");
+            // Serve the pinned snapshot again before anyone leased asks for it.
+            self.restore_pinned(&rec)?;
             ids.push(id);
             let me = self.clone();
             tokio::spawn(async move {
@@ -249,7 +251,7 @@ impl Coordinator {
     /// Drives a task from its persisted phase to its end.
     pub async fn drive(&self, id: TaskId) -> Result<TaskRecord, CoordinatorError> {
         let span = info_span!("task", task = %id);
-        async {
+        let done = async {
             loop {
                 let rec = self
                     .inner
@@ -259,8 +261,9 @@ impl Coordinator {
                 match rec.phase {
                     Phase::Bidding => self.bid_round(&rec).await?,
                     Phase::Leasing => {
+                        self.restore_pinned(&rec)?;
                         if let Some(done) = self.lease_step(&rec).await? {
-                            return Ok(done);
+                            return Ok::<_, CoordinatorError>(done);
                         }
                     }
                     Phase::Accepted | Phase::Failed { .. } => return Ok(rec),
@@ -268,7 +271,37 @@ impl Coordinator {
             }
         }
         .instrument(span)
-        .await
+        .await?;
+        // The task is over: its pinned snapshot need not survive a restart any more (the
+        // in-memory copy still serves late fetches until evicted).
+        if let Some(cid) = done.pinned
+            && let Err(e) = self.inner.tasks.remove_snapshot(&id, &cid)
+        {
+            warn!(task = %id, error = %e, "cannot forget the pinned snapshot");
+        }
+        Ok(done)
+    }
+
+    /// Puts the task's pinned snapshot back in the blob store from the database when it is
+    /// not there (after a restart, or evicted by other snapshots).
+    fn restore_pinned(&self, rec: &TaskRecord) -> Result<(), CoordinatorError> {
+        let inner = &self.inner;
+        let Some(cid) = rec.pinned else {
+            return Ok(());
+        };
+        if inner.blobs.get(&cid).is_some() {
+            return Ok(());
+        }
+        match inner.tasks.snapshot(&rec.spec.task_id, &cid)? {
+            Some(s) => {
+                info!(task = %rec.spec.task_id, snapshot = %cid, "pinned snapshot restored from the database");
+                inner.blobs.put(cid, Arc::new(s.bytes), Some(s.meta));
+            }
+            None => {
+                warn!(task = %rec.spec.task_id, snapshot = %cid, "pinned snapshot missing from the database")
+            }
+        }
+        Ok(())
     }
 
     async fn candidates(&self, spec: &TaskSpec) -> Vec<(PeerId, Vec<Multiaddr>)> {
@@ -616,7 +649,13 @@ impl Coordinator {
             };
             match fetched {
                 Some((bytes, _)) if plausible(&rec.spec.input, meta, bytes.len()) => {
-                    inner.blobs.put(cid, Arc::new(bytes), Some(meta.clone()));
+                    // Committed before the leases that name it go out.
+                    let snap = PinnedSnapshot {
+                        bytes,
+                        meta: meta.clone(),
+                    };
+                    inner.tasks.put_snapshot(&id, &cid, &snap)?;
+                    inner.blobs.put(cid, Arc::new(snap.bytes), Some(snap.meta));
                     info!(snapshot = %cid, "primary snapshot pinned");
                 }
                 _ => {

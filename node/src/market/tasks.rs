@@ -4,7 +4,7 @@
 
 use d402_protocol::{
     Amount, CapabilityRef, Cid, RailKind, Signed, TaskId, UnixMillis,
-    messages::{Bid, Claim, Lease, Verdict},
+    messages::{Bid, Claim, Lease, SnapshotMeta, Verdict},
 };
 use redb::{ReadableTable, TableDefinition};
 use serde::{Deserialize, Serialize};
@@ -16,6 +16,32 @@ pub const TASKS: TableDefinition<&[u8], &[u8]> = TableDefinition::new("tasks");
 
 /// Largest encoded task record (a few claims of up to 4 MiB each).
 pub const MAX_TASK_RECORD: usize = 64 * 1024 * 1024;
+
+/// Snapshots pinned for open tasks: task id (16 bytes) ‖ CID bytes → canonical CBOR of
+/// [`PinnedSnapshot`] (two tasks on the same static page pin the same CID). The
+/// gateway serves a pinned snapshot to the workers it leases and to validators; keeping it
+/// here (not only in the in-memory blob store) lets a restarted gateway serve it again.
+pub const PINNED_SNAPSHOTS: TableDefinition<&[u8], &[u8]> =
+    TableDefinition::new("pinned_snapshots");
+
+/// Largest encoded pinned snapshot row.
+const MAX_PINNED_ROW: usize = d402_protocol::protocol_ids::MAX_BLOB + 8 * 1024;
+
+fn pin_key(task: &TaskId, cid: &Cid) -> Vec<u8> {
+    let mut k = task.0.to_vec();
+    k.extend_from_slice(&cid.to_bytes());
+    k
+}
+
+/// A snapshot the gateway pinned, with what it is.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PinnedSnapshot {
+    /// The bytes (checked against the CID when fetched from the primary).
+    #[serde(with = "serde_bytes")]
+    pub bytes: Vec<u8>,
+    /// Final URL, status, length, snapshotter.
+    pub meta: SnapshotMeta,
+}
 
 /// What the buyer asked for and the gateway's terms.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -303,6 +329,45 @@ impl Tasks {
             Some(e) => Err(e),
             None => Ok(out),
         }
+    }
+
+    /// Keeps the snapshot `task` pinned (committed before it returns).
+    pub fn put_snapshot(
+        &self,
+        task: &TaskId,
+        cid: &Cid,
+        snap: &PinnedSnapshot,
+    ) -> Result<(), StateError> {
+        let bytes = encode("pinned_snapshots", snap)?;
+        self.state.write(|txn| {
+            let mut t = txn.open_table(PINNED_SNAPSHOTS)?;
+            t.insert(pin_key(task, cid).as_slice(), bytes.as_slice())?;
+            Ok(())
+        })
+    }
+
+    /// The snapshot `task` pinned, if kept.
+    pub fn snapshot(&self, task: &TaskId, cid: &Cid) -> Result<Option<PinnedSnapshot>, StateError> {
+        self.state.read(|txn| {
+            let t = match txn.open_table(PINNED_SNAPSHOTS) {
+                Ok(t) => t,
+                Err(redb::TableError::TableDoesNotExist(_)) => return Ok(None),
+                Err(e) => return Err(e.into()),
+            };
+            match t.get(pin_key(task, cid).as_slice())? {
+                Some(v) => Ok(Some(decode("pinned_snapshots", v.value(), MAX_PINNED_ROW)?)),
+                None => Ok(None),
+            }
+        })
+    }
+
+    /// Forgets the snapshot `task` pinned (the task ended).
+    pub fn remove_snapshot(&self, task: &TaskId, cid: &Cid) -> Result<(), StateError> {
+        self.state.write(|txn| {
+            let mut t = txn.open_table(PINNED_SNAPSHOTS)?;
+            t.remove(pin_key(task, cid).as_slice())?;
+            Ok(())
+        })
     }
 
     /// Every task (for resuming and `ops-monitor`).
