@@ -424,13 +424,14 @@ mod tests {
 
     #[test]
     fn echo_module_is_its_wat_source() {
+        // Without `$names`, so that no name section is emitted.
         let wat = wat::parse_str(
             r#"(module
   (memory (export "memory") 2)
-  (func (export "d402_alloc") (param $len i32) (result i32) (i32.const 1024))
-  (func (export "d402_run") (param $ptr i32) (param $len i32) (result i64)
-    (i64.or (i64.shl (i64.extend_i32_u (local.get $ptr)) (i64.const 32))
-            (i64.extend_i32_u (local.get $len)))))"#,
+  (func (export "d402_alloc") (param i32) (result i32) (i32.const 1024))
+  (func (export "d402_run") (param i32) (param i32) (result i64)
+    (i64.or (i64.shl (i64.extend_i32_u (local.get 0)) (i64.const 32))
+            (i64.extend_i32_u (local.get 1)))))"#,
         )
         .unwrap();
         assert_eq!(wat, ECHO_WASM);
