@@ -282,6 +282,20 @@ impl Coordinator {
         Ok(done)
     }
 
+    /// The addresses of `peer`'s signed record, if this node knows it: a lease or fetch to a
+    /// peer that is not connected (e.g. after this gateway restarted) dials them instead of
+    /// failing for want of an address.
+    async fn addrs_of(&self, peer: PeerId) -> Vec<Multiaddr> {
+        self.inner
+            .net
+            .peers()
+            .await
+            .ok()
+            .and_then(|ps| ps.into_iter().find(|p| p.peer_id == peer))
+            .map(|p| p.addrs)
+            .unwrap_or_default()
+    }
+
     /// Puts the task's pinned snapshot back in the blob store from the database when it is
     /// not there (after a restart, or evicted by other snapshots).
     fn restore_pinned(&self, rec: &TaskRecord) -> Result<(), CoordinatorError> {
@@ -644,7 +658,10 @@ impl Coordinator {
                 .find(|l| Some(l.lease_cid) == Some(c.lease_cid))
                 .and_then(|l| peer_from(&l.peer));
             let fetched = match peer {
-                Some(p) => blobs::fetch(&inner.net, p, Vec::new(), cid).await.ok(),
+                Some(p) => {
+                    let addrs = self.addrs_of(p).await;
+                    blobs::fetch(&inner.net, p, addrs, cid).await.ok()
+                }
                 None => None,
             };
             match fetched {
@@ -743,10 +760,8 @@ impl Coordinator {
             let peer = peer_from(&l.peer);
             let ack = match peer {
                 Some(p) => {
-                    inner
-                        .net
-                        .request_lease(p, Vec::new(), l.lease.clone())
-                        .await
+                    let addrs = self.addrs_of(p).await;
+                    inner.net.request_lease(p, addrs, l.lease.clone()).await
                 }
                 None => Err(crate::net::RrError::Dial("bad peer id".into())),
             };
