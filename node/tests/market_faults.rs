@@ -164,7 +164,7 @@ async fn killed_worker_lease_is_reassigned_and_task_completes() {
         others.push(start_worker(d.path(), worker_cfg(&honest, i + 1)).await);
     }
     let cfg = CoordinatorConfig {
-        lease_timeout: Duration::from_secs(4),
+        lease_timeout: Duration::from_secs(6),
         ..coordinator_config()
     };
     let gw = start_gateway(dirs[0].path(), seed(), 0, cfg, Policy::default()).await;
@@ -515,7 +515,8 @@ async fn restarted_gateway_resumes_the_task_from_redb() {
     let mut workers = Vec::new();
     for (i, d) in dirs[1..].iter().enumerate() {
         let mut cfg = worker_cfg(&offer, i);
-        cfg.faults.claim_delay = Duration::from_secs(3);
+        // Long enough for the restart to happen before any claim, even on a busy machine.
+        cfg.faults.claim_delay = Duration::from_secs(5);
         workers.push(start_worker(d.path(), cfg).await);
     }
     let gw_seed = seed();
@@ -819,7 +820,7 @@ async fn restarted_gateway_serves_the_pinned_snapshot_again() {
     }
     let gw_seed = seed();
     let cfg = CoordinatorConfig {
-        lease_timeout: Duration::from_secs(8),
+        lease_timeout: Duration::from_secs(10),
         ..coordinator_config()
     };
     let gw = start_gateway(dirs[0].path(), gw_seed, 0, cfg.clone(), Policy::default()).await;
