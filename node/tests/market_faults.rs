@@ -319,12 +319,38 @@ async fn foreign_bids_and_unknown_claims_are_refused_with_reasons() {
     // Signed by a key that is not the sender's.
     let ack = ask(claim(&SigningKey::from_bytes(&other_key), id, lease_cid)).await;
     assert_eq!(ack, refused("bad_signature"));
+    // The leased worker itself: a second claim on its claimed lease, and one with another
+    // fencing token than its lease's.
+    let rec = eventually("the first lease claimed", || {
+        let c = coord.clone();
+        async move {
+            let r = c.tasks().get(&id).unwrap()?;
+            (r.leases[0].status == LeaseStatus::Claimed).then_some(r)
+        }
+    })
+    .await;
+    let first = &rec.leases[0];
+    let owner = workers
+        .iter()
+        .find(|w| w.key() == first.lease.body.worker.0)
+        .unwrap();
+    let owner_key = SigningKey::from_bytes(&owner.seed);
+    let send = |c: Signed<Claim>| {
+        let net = owner.net.clone();
+        let (peer, addr) = (gw.peer(), gw.addr.clone());
+        async move { net.request_claim(peer, vec![addr], c).await.unwrap() }
+    };
+    let mut again = claim(&owner_key, id, first.lease_cid);
+    again.body.fencing_token = first.lease.body.fencing_token;
+    let again = Signed::sign(again.body, &owner_key).unwrap();
+    assert_eq!(send(again.clone()).await, refused("duplicate_claim"));
+    let mut stale = again.body.clone();
+    stale.fencing_token += 100;
+    let stale = Signed::sign(stale, &owner_key).unwrap();
+    assert_eq!(send(stale).await, refused("stale_fencing_token"));
     // Nothing of that changed the task.
     let after = coord.tasks().get(&id).unwrap().unwrap();
-    assert_eq!(
-        after.claims.len(),
-        done.claims.len().max(after.claims.len())
-    );
+    assert!(after.claims.len() <= 3, "one claim per lease at most");
     assert!(
         after
             .claims
