@@ -317,6 +317,8 @@ pub fn gateway_settings(cfg: &NodeConfig, asset: &Asset) -> GatewaySettings {
     s.require_capability_registration = cfg.require_capability_registration;
     s.require_signed_capability_registration = cfg.require_signed_capability_registration;
     s.max_creator_commission_bps = cfg.max_creator_commission_bps;
+    s.trusted_namespaces = cfg.trusted_namespaces.clone();
+    s.accepted_manifest_cids = cfg.accepted_manifest_cids.clone();
     s
 }
 
