@@ -512,6 +512,30 @@ impl CapStore {
         })
     }
 
+    /// The bytes stored under `cid`, verified, for serving over `/d402/blob/1`: a
+    /// manifest's canonical CBOR (hashes to its CID), a module (hashes to its raw CID), or
+    /// a registration's canonical CBOR (its CID is the registration's [`CapabilityRegistration::cid`],
+    /// checked by the fetcher after decoding). `None` when the store has no such file or
+    /// it fails its check.
+    pub fn load_blob(&self, cid: &Cid) -> Option<Vec<u8>> {
+        if self.manifest_path(cid).exists() {
+            return self
+                .load_manifest(cid)
+                .and_then(|m| Ok(m.to_canonical()?))
+                .ok();
+        }
+        if self.wasm_path(cid).exists() {
+            return self.load_wasm(cid).ok();
+        }
+        if self.registration_path(cid).exists() {
+            return self
+                .load_registration(cid)
+                .and_then(|r| Ok(r.to_canonical()?))
+                .ok();
+        }
+        None
+    }
+
     /// Loads and verifies the manifest with CID `cid`.
     pub fn load_manifest(&self, cid: &Cid) -> Result<Manifest> {
         let path = self.manifest_path(cid);

@@ -14,8 +14,8 @@ use std::{
 use anyhow::{Context, bail};
 use clap::Args;
 use d402_capabilities::SnapshotterKind;
-use d402_protocol::{CapabilityRef, Chain, Cid, PublicKey, RailKind, Wallets};
-use libp2p::PeerId;
+use d402_protocol::{CapabilityRef, Chain, PublicKey, RailKind, Wallets};
+use libp2p::{Multiaddr, PeerId};
 use serde::{Deserialize, Serialize};
 
 use crate::net::{AdvertiseHost, PeerSpec};
@@ -26,6 +26,8 @@ pub const PRICE_DECIMALS: u32 = 6;
 pub const DEFAULT_WORKER_PRICE_UNITS: u64 = 1_000;
 /// Largest `--fanout`.
 pub const MAX_FANOUT: u32 = 16;
+/// Largest `--validators`.
+pub const MAX_VALIDATORS: u32 = 16;
 /// Largest config file read.
 const MAX_CONFIG_FILE: u64 = 1024 * 1024;
 
@@ -103,24 +105,6 @@ pub struct NodeArgs {
     /// out of thin air. Devnets and tests only. Default false.
     #[arg(long, env = "D402_DEV_FAUCET", num_args = 0..=1, default_missing_value = "true", value_parser = parse_bool)]
     pub dev_faucet: Option<bool>,
-    /// Gateway: trust the capabilities of NAMESPACE only when their registration is signed
-    /// by PUBLISHER_KEY (base58), written `NAMESPACE=PUBLISHER_KEY` (repeatable; several keys
-    /// may be trusted for one namespace). With any given, other namespaces are refused.
-    /// Default: any namespace.
-    #[arg(
-        long = "trusted-namespace",
-        env = "D402_TRUSTED_NAMESPACE",
-        value_delimiter = ','
-    )]
-    pub trusted_namespace: Vec<String>,
-    /// Gateway: sell only these exact manifest CIDs (repeatable). Default: any manifest
-    /// that passes the other checks.
-    #[arg(
-        long = "accept-manifest-cid",
-        env = "D402_ACCEPT_MANIFEST_CID",
-        value_delimiter = ','
-    )]
-    pub accept_manifest_cid: Vec<String>,
     /// Sell only capabilities with a registration.
     #[arg(long, env = "D402_REQUIRE_CAPABILITY_REGISTRATION", num_args = 0..=1, default_missing_value = "true", value_parser = parse_bool)]
     pub require_capability_registration: Option<bool>,
@@ -133,9 +117,18 @@ pub struct NodeArgs {
     /// Run as a validator (re-checks results and signs verdicts).
     #[arg(long, env = "D402_VALIDATOR", num_args = 0..=1, default_missing_value = "true", value_parser = parse_bool)]
     pub validator: Option<bool>,
-    /// Validators this gateway asks for verdicts (PeerIds, repeatable).
-    #[arg(long = "validators", env = "D402_VALIDATORS", value_delimiter = ',')]
-    pub validators: Vec<String>,
+    /// Gateway: agreeing validator verdicts required per task on top of the quorum
+    /// (a count, 0 to 16). Default 0.
+    #[arg(long = "validators", env = "D402_VALIDATORS")]
+    pub validators: Option<String>,
+    /// Gateway: a validator to ask first, as a PeerId or a multiaddr ending in
+    /// `/p2p/<PeerId>` (repeatable). Others are found under the validators' well-known key.
+    #[arg(
+        long = "validator-peer",
+        env = "D402_VALIDATOR_PEER",
+        value_delimiter = ','
+    )]
+    pub validator_peer: Vec<String>,
     /// Workers leased per task. Default 1.
     #[arg(long, env = "D402_FANOUT")]
     pub fanout: Option<u32>,
@@ -183,16 +176,13 @@ pub struct FileConfig {
     gateway_price: Option<String>,
     gateway_budget: Option<String>,
     dev_faucet: Option<bool>,
-    #[serde(default)]
-    trusted_namespace: Vec<String>,
-    #[serde(default)]
-    accept_manifest_cid: Vec<String>,
     require_capability_registration: Option<bool>,
     require_signed_capability_registration: Option<bool>,
     max_creator_commission_bps: Option<u16>,
     validator: Option<bool>,
+    validators: Option<u32>,
     #[serde(default)]
-    validators: Vec<String>,
+    validator_peer: Vec<String>,
     fanout: Option<u32>,
     quorum: Option<u32>,
     kad_mode: Option<String>,
@@ -281,10 +271,6 @@ pub struct NodeConfig {
     pub gateway_budget_units: Option<u64>,
     /// Serve the local rail's faucet.
     pub dev_faucet: bool,
-    /// Trusted namespaces and the publisher keys trusted for each (empty: any namespace).
-    pub trusted_namespaces: Vec<(String, PublicKey)>,
-    /// Manifest CIDs the gateway sells (empty: any that passes the other checks).
-    pub accepted_manifest_cids: Vec<Cid>,
     /// Require a capability registration.
     pub require_capability_registration: bool,
     /// Require a signed capability registration.
@@ -293,8 +279,10 @@ pub struct NodeConfig {
     pub max_creator_commission_bps: Option<u16>,
     /// Validator role.
     pub validator: bool,
-    /// Validators to ask.
-    pub validators: Vec<PeerId>,
+    /// Agreeing validator verdicts required per task.
+    pub validators: u32,
+    /// Validators asked first, with their addresses when given.
+    pub validator_peers: Vec<(PeerId, Vec<Multiaddr>)>,
     /// Workers per task.
     pub fanout: u32,
     /// Agreeing claims needed.
@@ -355,8 +343,6 @@ fn merge(a: &NodeArgs, f: FileConfig) -> NodeArgs {
         gateway_price: a.gateway_price.clone().or(f.gateway_price),
         gateway_budget: a.gateway_budget.clone().or(f.gateway_budget),
         dev_faucet: a.dev_faucet.or(f.dev_faucet),
-        trusted_namespace: list(&a.trusted_namespace, f.trusted_namespace),
-        accept_manifest_cid: list(&a.accept_manifest_cid, f.accept_manifest_cid),
         require_capability_registration: a
             .require_capability_registration
             .or(f.require_capability_registration),
@@ -367,7 +353,8 @@ fn merge(a: &NodeArgs, f: FileConfig) -> NodeArgs {
             .max_creator_commission_bps
             .or(f.max_creator_commission_bps),
         validator: a.validator.or(f.validator),
-        validators: list(&a.validators, f.validators),
+        validators: a.validators.clone().or(f.validators.map(|n| n.to_string())),
+        validator_peer: list(&a.validator_peer, f.validator_peer),
         fanout: a.fanout.or(f.fanout),
         quorum: a.quorum.or(f.quorum),
         kad_mode: a.kad_mode.clone().or(f.kad_mode),
@@ -424,17 +411,18 @@ pub fn parse_amount(input: &str, decimals: u32) -> Result<u64, String> {
     whole_units.checked_add(frac_units).ok_or_else(overflow)
 }
 
-/// Parses `--trusted-namespace NAMESPACE=PUBLISHER_KEY` (the key in base58).
-pub fn parse_trusted_namespace(text: &str) -> Result<(String, PublicKey), String> {
-    let (ns, key) = text
-        .split_once('=')
-        .ok_or_else(|| format!("{text:?} must be NAMESPACE=PUBLISHER_KEY"))?;
-    d402_capabilities::namespace::validate_namespace("namespace", ns)
-        .map_err(|e| format!("{text:?}: {e}"))?;
-    let key = key
-        .parse::<PublicKey>()
-        .map_err(|_| format!("{text:?}: {key:?} is not a base58 ed25519 public key"))?;
-    Ok((ns.to_string(), key))
+/// A `--validator-peer`: a PeerId, or a multiaddr ending in `/p2p/<PeerId>` (dialled as is).
+fn parse_validator_peer(s: &str) -> anyhow::Result<(PeerId, Vec<Multiaddr>)> {
+    if let Ok(p) = s.parse::<PeerId>() {
+        return Ok((p, Vec::new()));
+    }
+    let addr: Multiaddr = s.parse().map_err(|_| {
+        anyhow::anyhow!("--validator-peer {s:?} is neither a PeerId nor a multiaddr")
+    })?;
+    match addr.iter().last() {
+        Some(libp2p::multiaddr::Protocol::P2p(p)) => Ok((p, vec![addr])),
+        _ => bail!("--validator-peer {s:?}: the multiaddr must end in /p2p/<PeerId>"),
+    }
 }
 
 fn parse_ip(flag: &str, s: &str) -> anyhow::Result<IpAddr> {
@@ -593,34 +581,27 @@ impl NodeArgs {
             ),
             None => None,
         };
-        let trusted_namespaces = self
-            .trusted_namespace
-            .iter()
-            .map(|t| {
-                parse_trusted_namespace(t).map_err(|e| anyhow::anyhow!("--trusted-namespace {e}"))
-            })
-            .collect::<anyhow::Result<Vec<_>>>()?;
-        let accepted_manifest_cids = self
-            .accept_manifest_cid
-            .iter()
-            .map(|c| {
-                c.trim().parse::<Cid>().map_err(|e| {
-                    anyhow::anyhow!("--accept-manifest-cid {c:?} is not a manifest CID: {e}")
-                })
-            })
-            .collect::<anyhow::Result<Vec<_>>>()?;
         if let Some(bps) = self.max_creator_commission_bps
             && bps > 10_000
         {
             bail!("--max-creator-commission-bps {bps} is more than 10000 (100%)");
         }
-        let validators = self
-            .validators
+        let validators = match &self.validators {
+            None => 0,
+            Some(v) => match v.trim().parse::<u32>() {
+                Ok(n) if n <= MAX_VALIDATORS => n,
+                Ok(n) => bail!("--validators {n} is more than {MAX_VALIDATORS}"),
+                Err(_) => bail!(
+                    "--validators {v:?} is not a count: it is how many agreeing validator \
+                     verdicts a task needs (e.g. --validators 1); name validators with \
+                     --validator-peer <PeerId or multiaddr>"
+                ),
+            },
+        };
+        let validator_peers = self
+            .validator_peer
             .iter()
-            .map(|v| {
-                v.parse::<PeerId>()
-                    .map_err(|e| anyhow::anyhow!("--validators {v:?} is not a PeerId: {e}"))
-            })
+            .map(|v| parse_validator_peer(v))
             .collect::<anyhow::Result<Vec<_>>>()?;
         let fanout = self.fanout.unwrap_or(1);
         let quorum = self.quorum.unwrap_or(1);
@@ -661,12 +642,11 @@ impl NodeArgs {
                     "--max-creator-commission-bps",
                     self.max_creator_commission_bps.is_some(),
                 ),
-                ("--validators", !validators.is_empty()),
+                ("--validators", self.validators.is_some()),
+                ("--validator-peer", !validator_peers.is_empty()),
                 ("--dev-faucet", self.dev_faucet.is_some()),
                 ("--fanout", self.fanout.is_some()),
                 ("--quorum", self.quorum.is_some()),
-                ("--trusted-namespace", !trusted_namespaces.is_empty()),
-                ("--accept-manifest-cid", !accepted_manifest_cids.is_empty()),
             ];
             if let Some((flag, _)) = gateway_only.iter().find(|(_, set)| *set) {
                 bail!("{flag} is a gateway setting: a gateway also needs --http-port");
@@ -690,8 +670,6 @@ impl NodeArgs {
             gateway_price_units,
             gateway_budget_units,
             dev_faucet: self.dev_faucet.unwrap_or(false),
-            trusted_namespaces,
-            accepted_manifest_cids,
             require_capability_registration: self.require_capability_registration.unwrap_or(false),
             require_signed_capability_registration: self
                 .require_signed_capability_registration
@@ -699,6 +677,7 @@ impl NodeArgs {
             max_creator_commission_bps: self.max_creator_commission_bps,
             validator: self.validator.unwrap_or(false),
             validators,
+            validator_peers,
             fanout,
             quorum,
             kad_mode,
@@ -764,15 +743,15 @@ impl NodeConfig {
             "gateway_price_units": self.gateway_price_units,
             "gateway_budget_units": self.gateway_budget_units,
             "dev_faucet": self.dev_faucet,
-            "trusted_namespaces": self.trusted_namespaces.iter()
-                .map(|(ns, k)| format!("{ns}={k}")).collect::<Vec<_>>(),
-            "accepted_manifest_cids": self.accepted_manifest_cids.iter()
-                .map(|c| c.to_string()).collect::<Vec<_>>(),
             "require_capability_registration": self.require_capability_registration,
             "require_signed_capability_registration": self.require_signed_capability_registration,
             "max_creator_commission_bps": self.max_creator_commission_bps,
             "validator": self.validator,
-            "validators": self.validators.iter().map(|v| v.to_string()).collect::<Vec<_>>(),
+            "validators": self.validators,
+            "validator_peer": self.validator_peers.iter().map(|(p, a)| match a.first() {
+                Some(a) => a.to_string(),
+                None => p.to_string(),
+            }).collect::<Vec<_>>(),
             "fanout": self.fanout,
             "quorum": self.quorum,
             "kad_mode": self.kad_mode,
@@ -896,46 +875,6 @@ mod tests {
     }
 
     #[test]
-    fn acceptance_lists_parse() {
-        let key = "4Nd1mYQpH3wLMa3wVwTuQKkqYHT9J3uj2cNQ6gZ5jXL1";
-        let cid = d402_protocol::Cid::dag_cbor(b"manifest").to_string();
-        let ns = format!("web={key}");
-        let c = parse(&[
-            "--http-port",
-            "1",
-            "--trusted-namespace",
-            &ns,
-            "--trusted-namespace",
-            &format!("acme.tools={key}"),
-            "--accept-manifest-cid",
-            &cid,
-        ])
-        .unwrap();
-        assert_eq!(c.trusted_namespaces.len(), 2);
-        assert_eq!(c.trusted_namespaces[0].0, "web");
-        assert_eq!(c.trusted_namespaces[0].1.to_string(), key);
-        assert_eq!(c.accepted_manifest_cids[0].to_string(), cid);
-        for (argv, flag) in [
-            (
-                vec!["--http-port", "1", "--trusted-namespace", "web"],
-                "--trusted-namespace",
-            ),
-            (
-                vec!["--http-port", "1", "--trusted-namespace", "Web=x"],
-                "--trusted-namespace",
-            ),
-            (
-                vec!["--http-port", "1", "--accept-manifest-cid", "bafynope"],
-                "--accept-manifest-cid",
-            ),
-            (vec!["--trusted-namespace", &ns], "--trusted-namespace"),
-        ] {
-            let err = format!("{:#}", parse(&argv).unwrap_err());
-            assert!(err.contains(flag), "{argv:?}: {err}");
-        }
-    }
-
-    #[test]
     fn amounts_are_exact_integers() {
         assert_eq!(parse_amount("$0.01", 6), Ok(10_000));
         assert_eq!(parse_amount("0.01", 6), Ok(10_000));
@@ -990,15 +929,55 @@ mod tests {
             (&["--log-format", "xml"], "--log-format"),
             (&["--kad-mode", "maybe"], "--kad-mode"),
             (
-                &["--http-port", "1", "--validators", "notapeer"],
-                "--validators",
+                &["--http-port", "1", "--validators", "12D3KooWnot"],
+                "--validator-peer",
             ),
+            (&["--http-port", "1", "--validators", "17"], "--validators"),
+            (
+                &["--http-port", "1", "--validator-peer", "notapeer"],
+                "--validator-peer",
+            ),
+            (
+                &[
+                    "--http-port",
+                    "1",
+                    "--validator-peer",
+                    "/ip4/127.0.0.1/tcp/1",
+                ],
+                "/p2p/",
+            ),
+            (&["--validators", "1"], "--validators"),
         ];
         for (argv, flag) in cases {
             let err = format!("{:#}", parse(argv).unwrap_err());
             assert!(err.contains(flag), "{argv:?}: {err}");
         }
         assert!(parse(&["--fallback-to-fetch", "maybe"]).is_err());
+    }
+
+    #[test]
+    fn validators_is_a_count_and_peers_are_separate() {
+        let peer = libp2p::identity::Keypair::generate_ed25519()
+            .public()
+            .to_peer_id();
+        let addr = format!("/ip4/127.0.0.1/tcp/9000/p2p/{peer}");
+        let c = parse(&[
+            "--http-port",
+            "1",
+            "--validators",
+            "2",
+            "--validator-peer",
+            &addr,
+            "--validator-peer",
+            &peer.to_string(),
+        ])
+        .unwrap();
+        assert_eq!(c.validators, 2);
+        assert_eq!(c.validator_peers.len(), 2);
+        assert_eq!(c.validator_peers[0].0, peer);
+        assert_eq!(c.validator_peers[0].1[0].to_string(), addr);
+        assert!(c.validator_peers[1].1.is_empty());
+        assert_eq!(parse(&["--http-port", "1"]).unwrap().validators, 0);
     }
 
     #[test]

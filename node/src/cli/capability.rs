@@ -49,6 +49,8 @@ pub enum CapabilityCommand {
     List(ListArgs),
     /// Run a capability locally through the worker's executor (snapshot, Wasm, limits).
     Run(super::capability_run::RunArgs),
+    /// Fetch a capability by manifest CID from a peer that has it, verify it and import it.
+    Fetch(super::capability_fetch::FetchArgs),
 }
 
 /// `d402 capability template`.
@@ -178,6 +180,7 @@ pub fn run(cmd: CapabilityCommand) -> anyhow::Result<()> {
         CapabilityCommand::Import(a) => import(a),
         CapabilityCommand::List(a) => list(a),
         CapabilityCommand::Run(a) => super::capability_run::run(a),
+        CapabilityCommand::Fetch(a) => super::capability_fetch::run(a),
     }
 }
 

@@ -617,7 +617,7 @@ async fn main_job(a: &DevnetArgs, net: &mut Devnet) -> anyhow::Result<()> {
             "3".into(),
             "--quorum".into(),
             "2".into(),
-            "--validators".into(),
+            "--validator-peer".into(),
             validator_peer,
             "--require-signed-capability-registration".into(),
             "--allow-loopback-urls".into(),

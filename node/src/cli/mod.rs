@@ -5,10 +5,12 @@ use clap::{Parser, Subcommand};
 mod bench;
 mod bench_market;
 mod capability;
+mod capability_fetch;
 mod capability_run;
 mod devnet;
 mod http_client;
 mod node_cmd;
+mod ops_monitor;
 mod peers;
 mod protocol;
 mod task;
@@ -33,6 +35,9 @@ enum Command {
     Node(Box<crate::config::NodeArgs>),
     /// List the peers a node knows (reads its database; works while the node runs).
     Peers(peers::PeersArgs),
+    /// A node's peers, tasks, reputation, settlements and why it is idle (asks the running
+    /// node over `<state>/control.sock`, else reads its database).
+    OpsMonitor(ops_monitor::OpsMonitorArgs),
     /// Measure the system (`d402 bench discovery`).
     #[command(subcommand)]
     Bench(bench::BenchCommand),
@@ -55,6 +60,7 @@ impl Cli {
             Command::Capability(cmd) => capability::run(cmd),
             Command::Node(args) => node_cmd::run(*args),
             Command::Peers(args) => peers::run(args),
+            Command::OpsMonitor(args) => ops_monitor::run(args),
             Command::Bench(cmd) => bench::run(cmd),
             Command::Wallet(cmd) => wallet::run(cmd),
             Command::Task(cmd) => task::run(cmd),

@@ -6,15 +6,19 @@
 
 use std::{
     collections::{HashMap, VecDeque},
+    path::Path,
     sync::{Arc, Mutex},
 };
 
 use d402_protocol::{Cid, messages::SnapshotMeta, protocol_ids::MAX_BLOB};
 use libp2p::{Multiaddr, PeerId};
 
-use crate::net::{
-    NetHandle, RrError,
-    codec::{BlobRequest, BlobResponse},
+use crate::{
+    capstore::CapStore,
+    net::{
+        NetHandle, RrError,
+        codec::{BlobRequest, BlobResponse},
+    },
 };
 
 /// Why a blob could not be fetched.
@@ -32,6 +36,9 @@ pub enum BlobError {
     /// The bytes do not hash to the CID.
     #[error("the bytes served for {0} do not match it")]
     Mismatch(Cid),
+    /// The bytes are not a valid manifest, module or registration (says which CID and why).
+    #[error("{0}")]
+    Invalid(String),
 }
 
 /// A held blob: its bytes and, for a snapshot, what it was.
@@ -39,6 +46,7 @@ pub type Blob = (Arc<Vec<u8>>, Option<SnapshotMeta>);
 
 #[derive(Default)]
 struct Inner {
+    capstore: Option<CapStore>,
     pinned: HashMap<Cid, Blob>,
     cache: HashMap<Cid, Blob>,
     order: VecDeque<Cid>,
@@ -100,10 +108,24 @@ impl BlobStore {
         }
     }
 
-    /// The bytes of `cid`, if held.
+    /// Also serves the manifests, registrations and modules of the capability store under
+    /// `state_dir` (read from disk, verified, when asked for).
+    pub fn serve_capstore(&self, state_dir: &Path) {
+        self.lock().capstore = Some(CapStore::new(state_dir));
+    }
+
+    /// The bytes of `cid`, if held (in memory, else in the capability store).
     pub fn get(&self, cid: &Cid) -> Option<Blob> {
-        let g = self.lock();
-        g.pinned.get(cid).or_else(|| g.cache.get(cid)).cloned()
+        let store = {
+            let g = self.lock();
+            if let Some(b) = g.pinned.get(cid).or_else(|| g.cache.get(cid)) {
+                return Some(b.clone());
+            }
+            g.capstore.clone()
+        };
+        store
+            .and_then(|s| s.load_blob(cid))
+            .map(|b| (Arc::new(b), None))
     }
 
     /// The answer to a blob request.
@@ -133,6 +155,70 @@ pub async fn fetch(
         BlobResponse::NotFound => Err(BlobError::NotFound(cid)),
         BlobResponse::Busy => Err(BlobError::Busy),
     }
+}
+
+/// A capability fetched from a peer, each part verified against its CID: the manifest
+/// (canonical, hashes to the manifest CID, valid), its module (hashes to the manifest's
+/// implementation CID, a Wasm binary) and, when asked for, its registration (CID, signature
+/// and the same manifest).
+#[derive(Debug, Clone)]
+pub struct FetchedCapability {
+    /// The manifest.
+    pub manifest: d402_capabilities::Manifest,
+    /// The module.
+    pub wasm: Vec<u8>,
+    /// The registration.
+    pub registration: Option<d402_capabilities::CapabilityRegistration>,
+}
+
+/// Fetches a capability by manifest CID (and registration CID) from `peer`.
+pub async fn fetch_capability(
+    net: &NetHandle,
+    peer: PeerId,
+    addrs: Vec<Multiaddr>,
+    manifest_cid: Cid,
+    registration_cid: Option<Cid>,
+) -> Result<FetchedCapability, BlobError> {
+    use d402_capabilities::{CapabilityRegistration, Manifest};
+    let invalid = |cid: Cid, what: &'static str, reason: String| {
+        BlobError::Invalid(format!("{cid} is not a valid {what}: {reason}"))
+    };
+    let (bytes, _) = fetch(net, peer, addrs.clone(), manifest_cid).await?;
+    let manifest = Manifest::from_canonical(&bytes)
+        .map_err(|e| invalid(manifest_cid, "manifest", e.to_string()))?;
+    let wasm_cid = manifest.implementation.cid;
+    let (wasm, _) = fetch(net, peer, addrs.clone(), wasm_cid).await?;
+    manifest
+        .check_wasm(&wasm)
+        .map_err(|e| invalid(wasm_cid, "module", e.to_string()))?;
+    let registration = match registration_cid {
+        None => None,
+        Some(cid) => {
+            // A registration's CID is its own (body) CID, not a hash of the file: decode,
+            // then check the CID, the signature and that it is for this manifest.
+            let bytes = match net.request_blob(peer, addrs, BlobRequest { cid }).await? {
+                BlobResponse::Found { bytes, .. } => bytes,
+                BlobResponse::NotFound => return Err(BlobError::NotFound(cid)),
+                BlobResponse::Busy => return Err(BlobError::Busy),
+            };
+            let reg = CapabilityRegistration::from_canonical(&bytes)
+                .map_err(|e| invalid(cid, "registration", e.to_string()))?;
+            if reg.cid().ok() != Some(cid) {
+                return Err(BlobError::Mismatch(cid));
+            }
+            reg.verify()
+                .map_err(|e| invalid(cid, "registration", e.to_string()))?;
+            reg.body()
+                .check_manifest(&manifest)
+                .map_err(|e| invalid(cid, "registration", e.to_string()))?;
+            Some(reg)
+        }
+    };
+    Ok(FetchedCapability {
+        manifest,
+        wasm,
+        registration,
+    })
 }
 
 #[cfg(test)]

@@ -222,6 +222,59 @@ impl Validator {
         }
     }
 
+    /// The validator of `d402 node --validator`: the default grants, no snapshotter (it
+    /// only re-runs on a claim's snapshot), modules cached under `<state>/wasm-cache`, and
+    /// the node's capability store searched before fetching.
+    pub fn for_node(
+        key: SigningKey,
+        net: NetHandle,
+        state_dir: &std::path::Path,
+        blobs: BlobStore,
+    ) -> Result<Validator, d402_runtime::executor::ExecError> {
+        let grants = d402_runtime::Grants::default();
+        let executor = d402_runtime::Executor::new(d402_runtime::ExecutorConfig {
+            cache_dir: Some(state_dir.join("wasm-cache")),
+            max_concurrent: 2,
+            max_memory_bytes: grants.max_memory_bytes,
+        })?;
+        let runner = Runner::new(executor, grants, d402_runtime::Snapshotters::default());
+        let cfg = ValidatorConfig {
+            state_dir: Some(state_dir.to_path_buf()),
+            ..ValidatorConfig::default()
+        };
+        Ok(Validator::new(key, net, runner, cfg, blobs))
+    }
+
+    /// What `d402 node` starts for validation and capability exchange: the blob store serves
+    /// the node's capability store; on a gateway, its offered manifests and modules are kept
+    /// in the blob store (validators fetch them from the gateway that asks); with
+    /// `--validator`, a validator ([`Validator::for_node`]).
+    pub fn start_for_node(
+        cfg: &crate::config::NodeConfig,
+        key: &SigningKey,
+        net: &NetHandle,
+        blobs: &BlobStore,
+        offers: &[crate::capstore::ResolvedCapability],
+    ) -> anyhow::Result<Option<Validator>> {
+        let roles = cfg.roles();
+        // Manifests, registrations and modules of the store go out by CID to any peer (an
+        // operator offering a capability first published elsewhere fetches them).
+        blobs.serve_capstore(&cfg.state_dir);
+        if roles.gateway {
+            for o in offers {
+                blobs.pin(o.manifest_cid, Arc::new(o.manifest.to_canonical()?));
+                blobs.pin(o.manifest.implementation.cid, Arc::new(o.wasm.clone()));
+            }
+        }
+        if !roles.validator {
+            return Ok(None);
+        }
+        let v = Validator::for_node(key.clone(), net.clone(), &cfg.state_dir, blobs.clone())
+            .map_err(|e| anyhow::anyhow!("cannot start the validator's Wasm executor: {e}"))?;
+        info!(key = %validator_key(), "validator started");
+        Ok(Some(v))
+    }
+
     /// Announces this validator under [`validator_key`] so that gateways find it.
     pub async fn announce(&self) -> Result<(), crate::net::NetError> {
         self.inner.net.provide(validator_key()).await
