@@ -543,6 +543,9 @@ async fn restarted_gateway_resumes_the_task_from_redb() {
         let mut cfg = worker_cfg(&offer, i);
         // Long enough for the restart to happen before any claim, even on a busy machine.
         cfg.faults.claim_delay = Duration::from_secs(5);
+        // Shorter than that: the bids not yet leased have expired when the primary's claim
+        // reaches the restarted gateway, which must ask for bids again.
+        cfg.bid_ttl = Duration::from_secs(3);
         workers.push(start_worker(d.path(), cfg).await);
     }
     let gw_seed = seed();
@@ -558,7 +561,7 @@ async fn restarted_gateway_resumes_the_task_from_redb() {
     let mut spec = task(&offer, br#"{"n":"restart"}"#, 3, 2);
     spec.deadline = now_ms() + 120_000;
     let id = spec.task_id;
-    let first_lease = {
+    let (first_lease, first_bids) = {
         let coord = gw.coordinator.clone().unwrap();
         let run = tokio::spawn({
             let c = coord.clone();
@@ -568,10 +571,11 @@ async fn restarted_gateway_resumes_the_task_from_redb() {
             let c = coord.clone();
             async move {
                 let r = c.tasks().get(&id).unwrap()?;
+                let bids: Vec<Cid> = r.bids.iter().map(|b| b.bid_cid).collect();
                 r.leases
                     .iter()
                     .find(|l| l.status == LeaseStatus::Accepted)
-                    .map(|l| l.lease_cid)
+                    .map(|l| (l.lease_cid, bids))
             }
         })
         .await;
@@ -621,6 +625,12 @@ async fn restarted_gateway_resumes_the_task_from_redb() {
         .collect();
     assert!(tokens.windows(2).all(|w| w[0] < w[1]), "{tokens:?}");
     assert!(done.leases.len() >= 2);
+    // The bids the first gateway collected had expired: the later leases answer new ones.
+    assert!(
+        done.leases[1..]
+            .iter()
+            .all(|l| !first_bids.contains(&l.lease.body.bid_cid)),
+    );
     for w in workers {
         w.stop().await;
     }
@@ -928,5 +938,70 @@ async fn restarted_gateway_serves_the_pinned_snapshot_again() {
     for w in workers {
         w.stop().await;
     }
+    gw.stop().await;
+}
+
+/// A restarted gateway that does not know its workers any more (its peer table emptied
+/// while it was down, so it redials nobody) still gets the claim: the worker redials the
+/// gateway at the addresses of its signed record (same key, same port).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn worker_redials_a_restarted_gateway_to_claim() {
+    let dirs: Vec<_> = (0..2).map(|_| tempfile::tempdir().unwrap()).collect();
+    let offer = echo_offer(10);
+    let mut cfg = worker_cfg(&offer, 0);
+    cfg.faults.claim_delay = Duration::from_secs(4);
+    let worker = start_worker(dirs[1].path(), cfg).await;
+    let gw_seed = seed();
+    let cfg = CoordinatorConfig {
+        lease_timeout: Duration::from_secs(40),
+        ..coordinator_config()
+    };
+    let gw = start_gateway(dirs[0].path(), gw_seed, 0, cfg.clone(), Policy::default()).await;
+    let port = gw.port();
+    gw.net.connect(worker.addr.clone()).await.unwrap();
+    let mut spec = task(&offer, br#"{"n":"redial"}"#, 1, 1);
+    spec.deadline = now_ms() + 120_000;
+    let id = spec.task_id;
+    {
+        let coord = gw.coordinator.clone().unwrap();
+        let run = tokio::spawn({
+            let c = coord.clone();
+            async move { c.run_task(spec).await }
+        });
+        eventually("the lease accepted", || {
+            let c = coord.clone();
+            async move {
+                let r = c.tasks().get(&id).unwrap()?;
+                r.leases
+                    .iter()
+                    .any(|l| l.status == LeaseStatus::Accepted)
+                    .then_some(())
+            }
+        })
+        .await;
+        run.abort();
+        let _ = run.await;
+    }
+    gw.stop().await;
+    {
+        let state = d402_node::state::State::open(dirs[0].path()).unwrap();
+        for (peer, _) in state.known_peers().unwrap() {
+            state.remove_peer(&peer).unwrap();
+        }
+    }
+    let gw = start_gateway(dirs[0].path(), gw_seed, port, cfg, Policy::default()).await;
+    let coord = gw.coordinator.clone().unwrap();
+    assert_eq!(coord.resume().unwrap(), vec![id]);
+    let done = eventually("the resumed task ends", || {
+        let c = coord.clone();
+        async move {
+            let r = c.tasks().get(&id).unwrap()?;
+            r.phase.is_terminal().then_some(r)
+        }
+    })
+    .await;
+    assert_eq!(done.phase, Phase::Accepted, "{:?}", done.phase);
+    assert_eq!(worker.worker.as_ref().unwrap().claims_sent(), 1);
+    worker.stop().await;
     gw.stop().await;
 }
