@@ -14,7 +14,7 @@ use std::{
 use anyhow::{Context, bail};
 use clap::Args;
 use d402_capabilities::SnapshotterKind;
-use d402_protocol::{CapabilityRef, Chain, PublicKey, RailKind, Wallets};
+use d402_protocol::{CapabilityRef, Chain, Cid, PublicKey, RailKind, Wallets};
 use libp2p::{Multiaddr, PeerId};
 use serde::{Deserialize, Serialize};
 
@@ -105,6 +105,24 @@ pub struct NodeArgs {
     /// out of thin air. Devnets and tests only. Default false.
     #[arg(long, env = "D402_DEV_FAUCET", num_args = 0..=1, default_missing_value = "true", value_parser = parse_bool)]
     pub dev_faucet: Option<bool>,
+    /// Gateway: trust the capabilities of NAMESPACE only when their registration is signed
+    /// by PUBLISHER_KEY (base58), written `NAMESPACE=PUBLISHER_KEY` (repeatable; several keys
+    /// may be trusted for one namespace). With any given, other namespaces are refused.
+    /// Default: any namespace.
+    #[arg(
+        long = "trusted-namespace",
+        env = "D402_TRUSTED_NAMESPACE",
+        value_delimiter = ','
+    )]
+    pub trusted_namespace: Vec<String>,
+    /// Gateway: sell only these exact manifest CIDs (repeatable). Default: any manifest
+    /// that passes the other checks.
+    #[arg(
+        long = "accept-manifest-cid",
+        env = "D402_ACCEPT_MANIFEST_CID",
+        value_delimiter = ','
+    )]
+    pub accept_manifest_cid: Vec<String>,
     /// Sell only capabilities with a registration.
     #[arg(long, env = "D402_REQUIRE_CAPABILITY_REGISTRATION", num_args = 0..=1, default_missing_value = "true", value_parser = parse_bool)]
     pub require_capability_registration: Option<bool>,
@@ -176,6 +194,10 @@ pub struct FileConfig {
     gateway_price: Option<String>,
     gateway_budget: Option<String>,
     dev_faucet: Option<bool>,
+    #[serde(default)]
+    trusted_namespace: Vec<String>,
+    #[serde(default)]
+    accept_manifest_cid: Vec<String>,
     require_capability_registration: Option<bool>,
     require_signed_capability_registration: Option<bool>,
     max_creator_commission_bps: Option<u16>,
@@ -271,6 +293,10 @@ pub struct NodeConfig {
     pub gateway_budget_units: Option<u64>,
     /// Serve the local rail's faucet.
     pub dev_faucet: bool,
+    /// Trusted namespaces and the publisher keys trusted for each (empty: any namespace).
+    pub trusted_namespaces: Vec<(String, PublicKey)>,
+    /// Manifest CIDs the gateway sells (empty: any that passes the other checks).
+    pub accepted_manifest_cids: Vec<Cid>,
     /// Require a capability registration.
     pub require_capability_registration: bool,
     /// Require a signed capability registration.
@@ -343,6 +369,8 @@ fn merge(a: &NodeArgs, f: FileConfig) -> NodeArgs {
         gateway_price: a.gateway_price.clone().or(f.gateway_price),
         gateway_budget: a.gateway_budget.clone().or(f.gateway_budget),
         dev_faucet: a.dev_faucet.or(f.dev_faucet),
+        trusted_namespace: list(&a.trusted_namespace, f.trusted_namespace),
+        accept_manifest_cid: list(&a.accept_manifest_cid, f.accept_manifest_cid),
         require_capability_registration: a
             .require_capability_registration
             .or(f.require_capability_registration),
@@ -423,6 +451,19 @@ fn parse_validator_peer(s: &str) -> anyhow::Result<(PeerId, Vec<Multiaddr>)> {
         Some(libp2p::multiaddr::Protocol::P2p(p)) => Ok((p, vec![addr])),
         _ => bail!("--validator-peer {s:?}: the multiaddr must end in /p2p/<PeerId>"),
     }
+}
+
+/// Parses `--trusted-namespace NAMESPACE=PUBLISHER_KEY` (the key in base58).
+pub fn parse_trusted_namespace(text: &str) -> Result<(String, PublicKey), String> {
+    let (ns, key) = text
+        .split_once('=')
+        .ok_or_else(|| format!("{text:?} must be NAMESPACE=PUBLISHER_KEY"))?;
+    d402_capabilities::namespace::validate_namespace("namespace", ns)
+        .map_err(|e| format!("{text:?}: {e}"))?;
+    let key = key
+        .parse::<PublicKey>()
+        .map_err(|_| format!("{text:?}: {key:?} is not a base58 ed25519 public key"))?;
+    Ok((ns.to_string(), key))
 }
 
 fn parse_ip(flag: &str, s: &str) -> anyhow::Result<IpAddr> {
@@ -581,6 +622,22 @@ impl NodeArgs {
             ),
             None => None,
         };
+        let trusted_namespaces = self
+            .trusted_namespace
+            .iter()
+            .map(|t| {
+                parse_trusted_namespace(t).map_err(|e| anyhow::anyhow!("--trusted-namespace {e}"))
+            })
+            .collect::<anyhow::Result<Vec<_>>>()?;
+        let accepted_manifest_cids = self
+            .accept_manifest_cid
+            .iter()
+            .map(|c| {
+                c.trim().parse::<Cid>().map_err(|e| {
+                    anyhow::anyhow!("--accept-manifest-cid {c:?} is not a manifest CID: {e}")
+                })
+            })
+            .collect::<anyhow::Result<Vec<_>>>()?;
         if let Some(bps) = self.max_creator_commission_bps
             && bps > 10_000
         {
@@ -647,6 +704,8 @@ impl NodeArgs {
                 ("--dev-faucet", self.dev_faucet.is_some()),
                 ("--fanout", self.fanout.is_some()),
                 ("--quorum", self.quorum.is_some()),
+                ("--trusted-namespace", !trusted_namespaces.is_empty()),
+                ("--accept-manifest-cid", !accepted_manifest_cids.is_empty()),
             ];
             if let Some((flag, _)) = gateway_only.iter().find(|(_, set)| *set) {
                 bail!("{flag} is a gateway setting: a gateway also needs --http-port");
@@ -670,6 +729,8 @@ impl NodeArgs {
             gateway_price_units,
             gateway_budget_units,
             dev_faucet: self.dev_faucet.unwrap_or(false),
+            trusted_namespaces,
+            accepted_manifest_cids,
             require_capability_registration: self.require_capability_registration.unwrap_or(false),
             require_signed_capability_registration: self
                 .require_signed_capability_registration
@@ -743,6 +804,10 @@ impl NodeConfig {
             "gateway_price_units": self.gateway_price_units,
             "gateway_budget_units": self.gateway_budget_units,
             "dev_faucet": self.dev_faucet,
+            "trusted_namespaces": self.trusted_namespaces.iter()
+                .map(|(ns, k)| format!("{ns}={k}")).collect::<Vec<_>>(),
+            "accepted_manifest_cids": self.accepted_manifest_cids.iter()
+                .map(|c| c.to_string()).collect::<Vec<_>>(),
             "require_capability_registration": self.require_capability_registration,
             "require_signed_capability_registration": self.require_signed_capability_registration,
             "max_creator_commission_bps": self.max_creator_commission_bps,
@@ -872,6 +937,46 @@ mod tests {
         assert!(c.roles().bootstrap);
         assert!(c.kad_server());
         assert_eq!(c.state_dir, PathBuf::from(".d402/node"));
+    }
+
+    #[test]
+    fn acceptance_lists_parse() {
+        let key = "4Nd1mYQpH3wLMa3wVwTuQKkqYHT9J3uj2cNQ6gZ5jXL1";
+        let cid = d402_protocol::Cid::dag_cbor(b"manifest").to_string();
+        let ns = format!("web={key}");
+        let c = parse(&[
+            "--http-port",
+            "1",
+            "--trusted-namespace",
+            &ns,
+            "--trusted-namespace",
+            &format!("acme.tools={key}"),
+            "--accept-manifest-cid",
+            &cid,
+        ])
+        .unwrap();
+        assert_eq!(c.trusted_namespaces.len(), 2);
+        assert_eq!(c.trusted_namespaces[0].0, "web");
+        assert_eq!(c.trusted_namespaces[0].1.to_string(), key);
+        assert_eq!(c.accepted_manifest_cids[0].to_string(), cid);
+        for (argv, flag) in [
+            (
+                vec!["--http-port", "1", "--trusted-namespace", "web"],
+                "--trusted-namespace",
+            ),
+            (
+                vec!["--http-port", "1", "--trusted-namespace", "Web=x"],
+                "--trusted-namespace",
+            ),
+            (
+                vec!["--http-port", "1", "--accept-manifest-cid", "bafynope"],
+                "--accept-manifest-cid",
+            ),
+            (vec!["--trusted-namespace", &ns], "--trusted-namespace"),
+        ] {
+            let err = format!("{:#}", parse(&argv).unwrap_err());
+            assert!(err.contains(flag), "{argv:?}: {err}");
+        }
     }
 
     #[test]

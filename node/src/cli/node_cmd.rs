@@ -1,25 +1,57 @@
 //! `d402 node`: runs a node with the operator guide's flags.
 //!
-//! It opens the state directory (database, identity key), starts the network layer,
-//! announces the worker's offers, prints one JSON line on stdout once it listens
-//! (`{"event":"listening","peer_id":…,"listen":[…],"external":[…]}`) and runs until
-//! SIGINT or SIGTERM. Logs go to stderr (`--log-format json` for JSON lines).
+//! It opens the state directory (database, identity key), starts the network layer and
+//! the market service (every node serves blobs), and by role:
+//! - worker (`--offer` without `--http-port`): resolves each offer (store, then built-in),
+//!   runs a [`Worker`] with the real snapshotters (headless Chromium per `--snapshotter`,
+//!   fetch fallback per `--fallback-to-fetch`) under the URL policy, and announces the
+//!   offers;
+//! - gateway (`--http-port`): runs a [`Coordinator`] (resuming open tasks) and the HTTP
+//!   gateway on the `local` rail.
+//!
+//! It prints one JSON line on stdout once it listens
+//! (`{"event":"listening","peer_id":…,"listen":[…],"external":[…],"http":"host:port"}`,
+//! `http` on gateways only) and runs until SIGINT or SIGTERM. Logs go to stderr
+//! (`--log-format json` for JSON lines).
 
-use std::time::Duration;
+use std::{path::Path, sync::Arc, time::Duration};
 
-use anyhow::Context;
+use anyhow::{Context, bail};
+use d402_capabilities::SnapshotterKind;
+use d402_protocol::{Chain, RailKind, SigningKey};
+use d402_runtime::{
+    ChromiumConfig, ChromiumSnapshotter, Executor, ExecutorConfig, FetchConfig, FetchSnapshotter,
+    Grants, Runner, Snapshotters, UrlPolicy,
+};
+use d402_settlement::{Asset, LocalRail, LocalRailConfig, Rail};
 use tracing::{info, warn};
 
 use crate::{
-    capstore,
+    capstore::{self, ResolvedCapability},
     config::{LogFormat, NodeArgs, NodeConfig},
+    gateway::{Gateway, GatewayConfig, GatewayParts, GatewayPolicy, GatewaySettings},
     keys,
-    net::{self, NetConfig},
+    market::{
+        blobs::BlobStore,
+        coordinator::{Coordinator, CoordinatorConfig},
+        reputation::{Policy, Reputation},
+        service::{self, Services},
+        worker::{OfferedCapability, Worker, WorkerConfig},
+    },
+    net::{self, NetConfig, NetHandle},
     state::State,
 };
 
 /// File name of the node identity key inside `--state`.
 pub const NODE_KEY_FILE: &str = "node.key";
+/// File name of the worker's default local-rail payout wallet inside `--state`.
+pub const PAYOUT_KEY_FILE: &str = "payout.key";
+/// File name of the gateway's local-rail key (its `payTo` account; signs receipts).
+pub const GATEWAY_KEY_FILE: &str = "gateway.key";
+/// Memory for blobs served to peers (snapshots, manifests, modules).
+pub const BLOB_BUDGET: usize = 256 * 1024 * 1024;
+/// Inbound market requests that may wait before peers are told "busy".
+pub const MARKET_QUEUE: usize = 256;
 
 pub fn run(args: NodeArgs) -> anyhow::Result<()> {
     let cfg = args.resolve()?;
@@ -65,6 +97,12 @@ async fn run_node(cfg: NodeConfig) -> anyhow::Result<()> {
     let roles = cfg.roles();
     let span = tracing::info_span!("node", label = %cfg.label);
     let _enter = span.enter();
+    if roles.gateway
+        && let Some(rail) = cfg.payment
+        && rail != RailKind::Local
+    {
+        bail!("--payment {rail}: rail {rail} is not available in this build (use --payment local)");
+    }
     let state = State::open(&cfg.state_dir)
         .with_context(|| format!("cannot open state in {}", cfg.state_dir.display()))?;
     // Every --offer must resolve (local store, then the built-in capabilities) before the
@@ -90,6 +128,37 @@ async fn run_node(cfg: NodeConfig) -> anyhow::Result<()> {
         "node started"
     );
 
+    let blobs = BlobStore::new(BLOB_BUDGET);
+    let worker = if roles.worker {
+        Some(start_worker(&cfg, &key, &handle, &offers, &blobs)?)
+    } else {
+        None
+    };
+    let coordinator = if roles.gateway {
+        Some(Coordinator::new(
+            key.clone(),
+            handle.clone(),
+            state.clone(),
+            Reputation::new(state.clone(), Policy::default()),
+            blobs.clone(),
+            CoordinatorConfig::default(),
+        ))
+    } else {
+        None
+    };
+    let service = service::serve(
+        &handle,
+        Services {
+            worker,
+            coordinator: coordinator.clone(),
+            validator: None,
+            blobs,
+        },
+        MARKET_QUEUE,
+    )
+    .await
+    .context("cannot start the market service")?;
+
     if roles.worker {
         for resolved in &offers {
             handle.provide(resolved.manifest_cid).await?;
@@ -100,28 +169,201 @@ async fn run_node(cfg: NodeConfig) -> anyhow::Result<()> {
             );
         }
     }
-    if roles.gateway {
-        warn!("the gateway HTTP API is not part of this build yet; running as a DHT server only");
-    }
+    let gateway = match &coordinator {
+        Some(c) => Some(start_gateway(&cfg, &state, &handle, c.clone(), &offers).await?),
+        None => None,
+    };
 
     // Give the listeners a moment to report every address (QUIC comes up after TCP).
     tokio::time::sleep(Duration::from_millis(50)).await;
     let listen = handle.listen_addrs().await?;
     let external = handle.external_addrs().await?;
-    println!(
-        "{}",
-        serde_json::json!({
-            "event": "listening",
-            "peer_id": node.peer_id().to_string(),
-            "listen": listen.iter().map(|a| a.to_string()).collect::<Vec<_>>(),
-            "external": external.iter().map(|a| a.to_string()).collect::<Vec<_>>(),
-        })
-    );
+    let mut line = serde_json::json!({
+        "event": "listening",
+        "peer_id": node.peer_id().to_string(),
+        "listen": listen.iter().map(|a| a.to_string()).collect::<Vec<_>>(),
+        "external": external.iter().map(|a| a.to_string()).collect::<Vec<_>>(),
+    });
+    if let Some(g) = &gateway {
+        line["http"] = g.local_addr().to_string().into();
+    }
+    println!("{line}");
 
     wait_for_signal().await?;
     info!("shutting down");
+    if let Some(g) = gateway {
+        g.shutdown().await;
+    }
+    service.abort();
     node.shutdown().await;
     Ok(())
+}
+
+/// The URL policy of this node's snapshotters: public addresses only, plus loopback with
+/// `--allow-loopback-urls`.
+pub fn url_policy(cfg: &NodeConfig) -> UrlPolicy {
+    if cfg.allow_loopback_urls {
+        warn!(
+            "--allow-loopback-urls: snapshotters may fetch 127.0.0.0/8 and ::1 (devnet/tests only)"
+        );
+        UrlPolicy::allow_loopback_for_tests()
+    } else {
+        UrlPolicy::new()
+    }
+}
+
+/// The worker's runner: the Wasm executor (module cache under `--state`), the default
+/// grants limited to the offers and the chosen snapshotters, and the snapshotters
+/// themselves under the URL policy.
+pub fn worker_runner(cfg: &NodeConfig, offers: &[ResolvedCapability]) -> anyhow::Result<Runner> {
+    let policy = url_policy(cfg);
+    let mut grants = Grants {
+        offers: Some(offers.iter().map(|o| o.capability.to_string()).collect()),
+        ..Grants::default()
+    };
+    let fetch = FetchSnapshotter::new(policy.clone(), FetchConfig::default())
+        .context("cannot set up the fetch snapshotter")?;
+    let chromium = ChromiumSnapshotter::new(policy, ChromiumConfig::default());
+    let chromium = match cfg.snapshotter {
+        Some(SnapshotterKind::Fetch) => {
+            grants.snapshotters = [SnapshotterKind::Fetch].into_iter().collect();
+            None
+        }
+        Some(SnapshotterKind::Playwright) => {
+            grants.snapshotters = [SnapshotterKind::Playwright].into_iter().collect();
+            if cfg.fallback_to_fetch {
+                grants.snapshotters.insert(SnapshotterKind::Fetch);
+            }
+            if !chromium.available() {
+                warn!(
+                    binary = d402_runtime::chromium::DEFAULT_BINARY,
+                    fallback_to_fetch = cfg.fallback_to_fetch,
+                    "--snapshotter playwright: Chromium is not installed"
+                );
+            }
+            Some(chromium)
+        }
+        // No choice: the manifest's order of preference, Chromium only where installed.
+        None => chromium.available().then_some(chromium),
+    };
+    let executor = Executor::new(ExecutorConfig {
+        cache_dir: Some(cfg.state_dir.join("wasm-cache")),
+        max_concurrent: 4,
+        max_memory_bytes: grants.max_memory_bytes,
+    })
+    .context("cannot start the Wasm executor")?;
+    let snapshotters = Snapshotters {
+        fetch: Some(fetch),
+        chromium,
+        fallback_to_fetch: cfg.fallback_to_fetch,
+    };
+    Ok(Runner::new(executor, grants, snapshotters))
+}
+
+/// The worker's payout wallets: the configured ones, and on the `local` rail either
+/// `--local-payout-wallet` or the address of the `payout.key` wallet in `--state`
+/// (created on first use, owner-only).
+pub fn payout_wallets(cfg: &NodeConfig) -> anyhow::Result<d402_protocol::Wallets> {
+    let mut payout = cfg.payout.clone();
+    if !payout.contains_key(&Chain::Local) {
+        let wallet = keys::load_or_create(&cfg.state_dir.join(PAYOUT_KEY_FILE))?;
+        payout.insert(Chain::Local, d402_settlement::wallet::address(&wallet));
+    }
+    Ok(payout)
+}
+
+fn start_worker(
+    cfg: &NodeConfig,
+    key: &SigningKey,
+    handle: &NetHandle,
+    offers: &[ResolvedCapability],
+    blobs: &BlobStore,
+) -> anyhow::Result<Worker> {
+    let asset = Asset::local_usdc();
+    let offered = offers
+        .iter()
+        .map(|o| OfferedCapability {
+            manifest: o.manifest.clone(),
+            manifest_cid: o.manifest_cid,
+            wasm: Arc::new(o.wasm.clone()),
+            floor: cfg.worker_price_units,
+            asset: asset.id.clone(),
+        })
+        .collect();
+    let payout = payout_wallets(cfg)?;
+    info!(
+        local_payout = payout.get(&Chain::Local).map(String::as_str).unwrap_or(""),
+        price_units = cfg.worker_price_units,
+        "worker ready"
+    );
+    let runner = worker_runner(cfg, offers)?;
+    Ok(Worker::new(
+        key.clone(),
+        handle.clone(),
+        runner,
+        WorkerConfig::new(offered, vec![RailKind::Local], payout),
+        blobs.clone(),
+    ))
+}
+
+/// The gateway policy's settings from the node's flags (the rail is `local`).
+pub fn gateway_settings(cfg: &NodeConfig, asset: &Asset) -> GatewaySettings {
+    let mut s = GatewaySettings::new(RailKind::Local, asset.clone());
+    s.price = cfg.gateway_price_units.map(|u| asset.format(u));
+    s.budget = cfg.gateway_budget_units.map(|u| asset.format(u));
+    s.fanout = cfg.fanout;
+    s.quorum = cfg.quorum;
+    s.allow_loopback_urls = cfg.allow_loopback_urls;
+    s.require_capability_registration = cfg.require_capability_registration;
+    s.require_signed_capability_registration = cfg.require_signed_capability_registration;
+    s.max_creator_commission_bps = cfg.max_creator_commission_bps;
+    s.trusted_namespaces = cfg.trusted_namespaces.clone();
+    s.accepted_manifest_cids = cfg.accepted_manifest_cids.clone();
+    s
+}
+
+/// Opens the local rail in the node's database with the gateway key of `state_dir`.
+pub fn open_local_rail(
+    state_dir: &Path,
+    state: &State,
+    dev_mode: bool,
+) -> anyhow::Result<Arc<LocalRail>> {
+    let gateway_key = keys::load_or_create(&state_dir.join(GATEWAY_KEY_FILE))?;
+    let rail = LocalRail::open(
+        state.database().clone(),
+        gateway_key,
+        LocalRailConfig {
+            dev_mode,
+            ..LocalRailConfig::default()
+        },
+    )
+    .context("cannot open the local rail")?;
+    Ok(Arc::new(rail))
+}
+
+async fn start_gateway(
+    cfg: &NodeConfig,
+    state: &State,
+    handle: &NetHandle,
+    coordinator: Coordinator,
+    offers: &[ResolvedCapability],
+) -> anyhow::Result<Gateway> {
+    let rail = open_local_rail(&cfg.state_dir, state, cfg.dev_faucet)?;
+    let policy = GatewayPolicy::new(&gateway_settings(cfg, rail.asset()), offers)?;
+    let (host, port) = cfg.http.context("a gateway needs --http-port")?;
+    let g = Gateway::start(
+        GatewayConfig::new((host, port).into(), cfg.dev_faucet),
+        GatewayParts {
+            rail,
+            coordinator,
+            net: handle.clone(),
+            state: state.clone(),
+            policy,
+        },
+    )
+    .await?;
+    info!(http = %g.local_addr(), "gateway listening");
+    Ok(g)
 }
 
 async fn wait_for_signal() -> anyhow::Result<()> {

@@ -16,9 +16,15 @@
 //! (capture when the task was accepted, refund otherwise, once its task ends) and serves
 //! [`ROUTES`].
 
+pub mod capabilities;
+pub mod cors;
 pub mod error;
+pub mod health;
+pub mod idempotency;
 pub mod local;
-mod standin;
+pub mod metrics;
+pub mod openapi;
+pub mod policy;
 pub mod tasks;
 
 use std::{
@@ -29,17 +35,20 @@ use std::{
 
 use anyhow::Context;
 use axum::{
-    Router,
+    Json, Router,
+    extract::State,
     routing::{MethodRouter, get, post},
 };
 use tokio::{sync::oneshot, task::JoinHandle};
 use tracing::{info, warn};
 
-use d402_settlement::LocalRail;
+use d402_settlement::{LocalRail, Rail};
 
-use crate::{market::coordinator::Coordinator, net::NetHandle, state::State};
+use crate::{market::coordinator::Coordinator, net::NetHandle, state::State as NodeState};
 
-pub use standin::{GatewayPolicy, Idempotency, Metrics};
+pub use idempotency::Idempotency;
+pub use metrics::Metrics;
+pub use policy::{GatewayPolicy, GatewaySettings};
 
 /// Every route the gateway serves: (method, path in axum syntax). The router is built
 /// from this list and the OpenAPI sync test checks it against the document.
@@ -56,7 +65,7 @@ pub const ROUTES: &[(&str, &str)] = &[
 ];
 
 /// Largest `POST /v1/tasks` body.
-pub const MAX_TASK_BODY: usize = 64 * 1024;
+pub const MAX_TASK_BODY: usize = policy::MAX_REQUEST_BODY;
 
 /// How long a task may run before it fails (and is refunded).
 pub const DEFAULT_TASK_TIMEOUT: Duration = Duration::from_secs(60);
@@ -99,7 +108,7 @@ pub struct GatewayParts {
     /// The network.
     pub net: NetHandle,
     /// The node's database.
-    pub state: State,
+    pub state: NodeState,
     /// The server-owned policy.
     pub policy: GatewayPolicy,
 }
@@ -115,7 +124,7 @@ pub struct AppState {
     /// The network.
     pub net: NetHandle,
     /// The node's database.
-    pub state: State,
+    pub state: NodeState,
     /// The policy.
     pub policy: Arc<GatewayPolicy>,
     /// `Idempotency-Key` records.
@@ -124,6 +133,8 @@ pub struct AppState {
     pub metrics: Arc<Metrics>,
     /// When the gateway started.
     pub started: Instant,
+    /// The last readiness answer.
+    pub ready: health::ReadyCache,
 }
 
 impl AppState {
@@ -158,23 +169,34 @@ fn route(method: &str, path: &str) -> anyhow::Result<MethodRouter<Arc<AppState>>
     Ok(match (method, path) {
         ("POST", "/v1/tasks") => post(tasks::create),
         ("GET", "/v1/tasks/{id}") => get(tasks::get_task),
-        ("GET", "/v1/capabilities") => get(standin::capabilities),
-        ("GET", "/healthz") => get(standin::healthz),
-        ("GET", "/readyz") => get(standin::readyz),
-        ("GET", "/metrics") => get(standin::metrics),
-        ("GET", "/openapi.json") => get(standin::openapi),
+        ("GET", "/v1/capabilities") => get(|State(app): State<Arc<AppState>>| async move {
+            Json(capabilities::body(&app.policy, app.rail.network()))
+        }),
+        ("GET", "/healthz") => get(|| async { health::healthz() }),
+        ("GET", "/readyz") => get(|State(app): State<Arc<AppState>>| async move {
+            let manifests: Vec<_> = app.policy.sellable().map(|(o, _)| o.manifest_cid).collect();
+            app.ready
+                .get(health::check(&app.net, &manifests, true))
+                .await
+                .response()
+        }),
+        ("GET", "/metrics") => {
+            get(|State(app): State<Arc<AppState>>| async move { app.metrics.response() })
+        }
+        ("GET", "/openapi.json") => get(|| async { Json(openapi::document()) }),
         ("GET", "/v1/local/accounts/{address}") => get(local::account),
         ("POST", "/v1/local/faucet") => post(local::faucet),
         _ => anyhow::bail!("no handler for {method} {path}"),
     })
 }
 
-/// The router over [`ROUTES`].
+/// The router over [`ROUTES`], counting every answer in [`Metrics`].
 pub fn router(app: Arc<AppState>) -> anyhow::Result<Router> {
     let mut r = Router::new();
     for (method, path) in ROUTES {
         r = r.route(path, route(method, path)?);
     }
+    let metrics = app.metrics.clone();
     Ok(r.fallback(|| async {
         error::ApiError::new(
             axum::http::StatusCode::NOT_FOUND,
@@ -182,7 +204,12 @@ pub fn router(app: Arc<AppState>) -> anyhow::Result<Router> {
             "no such route",
         )
     })
-    .with_state(app))
+    .with_state(app)
+    .layer(cors::layer())
+    .layer(axum::middleware::from_fn_with_state(
+        metrics,
+        metrics::track,
+    )))
 }
 
 impl Gateway {
@@ -197,9 +224,11 @@ impl Gateway {
         if config.public_url.is_none() {
             config.public_url = Some(format!("http://{addr}"));
         }
+        let idempotency = Idempotency::new(parts.state.clone())
+            .with_stale_resolver(tasks::stale_resolver(&parts));
         let app = Arc::new(AppState {
             config,
-            idempotency: Idempotency::new(parts.state.clone()),
+            idempotency,
             rail: parts.rail,
             coordinator: parts.coordinator,
             net: parts.net,
@@ -207,6 +236,7 @@ impl Gateway {
             policy: Arc::new(parts.policy),
             metrics: Arc::new(Metrics::new()),
             started: Instant::now(),
+            ready: health::ReadyCache::new(),
         });
         let recovered = tasks::recover(&app).context("cannot settle the tasks of the last run")?;
         if recovered > 0 {

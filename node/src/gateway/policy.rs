@@ -543,15 +543,7 @@ fn url_refused(url: &str, e: &d402_runtime::policy::PolicyError) -> ApiError {
 
 /// Parses `--trusted-namespace NAMESPACE=PUBLISHER_KEY` (the key in base58).
 pub fn parse_trusted_namespace(text: &str) -> Result<(String, PublicKey), String> {
-    let (ns, key) = text
-        .split_once('=')
-        .ok_or_else(|| format!("{text:?} must be NAMESPACE=PUBLISHER_KEY"))?;
-    d402_capabilities::namespace::validate_namespace("namespace", ns)
-        .map_err(|e| format!("{text:?}: {e}"))?;
-    let key = key
-        .parse::<PublicKey>()
-        .map_err(|_| format!("{text:?}: {key:?} is not a base58 ed25519 public key"))?;
-    Ok((ns.to_string(), key))
+    crate::config::parse_trusted_namespace(text)
 }
 
 #[cfg(test)]

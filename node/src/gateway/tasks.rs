@@ -30,6 +30,8 @@ use axum::{
 use base64::Engine as _;
 use redb::TableDefinition;
 use serde::{Deserialize, Serialize};
+
+use d402_runtime::policy::SystemResolver;
 use sha2::{Digest, Sha256};
 use tracing::{Instrument, info, info_span, warn};
 
@@ -46,16 +48,17 @@ use d402_settlement::{
 };
 
 use super::{
-    AppState,
+    AppState, GatewayParts,
     error::ApiError,
-    standin::{Admitted, Begin, StoredResponse},
+    idempotency::{StaleResolver, StaleTask, StoredResponse},
+    policy::{Admitted, parse_task_request},
 };
 use crate::{
     market::{
         now_ms,
         tasks::{ClaimJudgement, Phase, TaskRecord, TaskSpec},
     },
-    state::{StateError, decode, encode},
+    state::{State as NodeState, StateError, decode, encode},
 };
 
 /// Paid tasks: task id (16 bytes) → canonical CBOR of [`PaidTask`], written in the same
@@ -98,8 +101,8 @@ pub struct PaidTask {
 }
 
 /// Reads a paid task.
-pub fn paid_task(app: &AppState, id: &TaskId) -> Result<Option<PaidTask>, StateError> {
-    app.state.read(|txn| {
+pub fn paid_task(state: &NodeState, id: &TaskId) -> Result<Option<PaidTask>, StateError> {
+    state.read(|txn| {
         let t = match txn.open_table(PAID_TASKS) {
             Ok(t) => t,
             Err(redb::TableError::TableDoesNotExist(_)) => return Ok(None),
@@ -110,13 +113,6 @@ pub fn paid_task(app: &AppState, id: &TaskId) -> Result<Option<PaidTask>, StateE
             None => Ok(None),
         }
     })
-}
-
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct TaskRequest {
-    capability: String,
-    input: serde_json::Value,
 }
 
 fn internal(e: impl std::fmt::Display) -> ApiError {
@@ -262,15 +258,12 @@ async fn create_inner(
             format!("the request body is larger than {max} bytes (or was cut short)"),
         )
     })?;
-    let req: TaskRequest = serde_json::from_slice(&bytes).map_err(|e| {
-        ApiError::new(
-            StatusCode::BAD_REQUEST,
-            "bad_request",
-            format!("the body must be {{\"capability\":\"id@version\",\"input\":{{…}}}}: {e}"),
-        )
-    })?;
+    let req = parse_task_request(&bytes)?;
     let key = idempotency_key(headers)?;
-    let admitted = app.policy.admit(&req.capability, &req.input)?;
+    let admitted = app
+        .policy
+        .admit_resolved(&req.capability, &req.input, &SystemResolver)
+        .await?;
     let challenge = challenge(app, &admitted)?;
     let payment = match Payment::from_headers(
         header_str(headers, PAYMENT_SIGNATURE)?,
@@ -279,19 +272,23 @@ async fn create_inner(
         Ok(Some(p)) => p,
         Ok(None) => return Ok(("payment_required", payment_required(&challenge, None)?)),
         Err(e) => {
+            app.metrics.payment_refused("payment_invalid");
             return Ok((
                 "payment_refused",
                 payment_required(&challenge, Some(("payment_invalid", e.to_string())))?,
             ));
         }
     };
+    let mut id = [0u8; 16];
+    getrandom::fill(&mut id).map_err(internal)?;
+    let task_id = TaskId(id);
     if let Some(k) = &key {
-        match app
+        let begun = app
             .idempotency
-            .begin(k, request_hash(&req.capability, &req.input))?
-        {
-            Begin::New => {}
-            Begin::Replay(stored) => return Ok(("replayed", stored)),
+            .begin(k, request_hash(&req.capability, &req.input), task_id)
+            .map_err(ApiError::from)?;
+        if let Some(stored) = begun.into_result()? {
+            return Ok(("replayed", stored));
         }
     }
     let abandon = |why: &str| {
@@ -300,7 +297,9 @@ async fn create_inner(
                 reason = why,
                 "idempotency key released: nothing was charged"
             );
-            app.idempotency.abandon(k);
+            if let Err(e) = app.idempotency.abandon(k) {
+                warn!(error = %e, "cannot release the idempotency key");
+            }
         }
     };
     let now = now_ms();
@@ -311,6 +310,7 @@ async fn create_inner(
             if e.is_payment_error() {
                 info!(reason = e.code(), error = %e, "payment refused");
                 let code = payment_refusal(&e);
+                app.metrics.payment_refused(code);
                 return Ok((
                     "payment_refused",
                     payment_required(&challenge, Some((code, e.to_string())))?,
@@ -319,15 +319,13 @@ async fn create_inner(
             return Err(internal(e));
         }
     };
-    let mut id = [0u8; 16];
-    getrandom::fill(&mut id).map_err(internal)?;
-    let task_id = TaskId(id);
+    app.metrics.payment_verified();
     let paid = PaidTask {
         v: 1,
         task_id,
         capability: admitted.capability.clone(),
         manifest_cid: admitted.manifest_cid,
-        commission: CommissionTerms::from(&admitted.terms),
+        commission: admitted.commission.clone(),
         price_units: admitted.price_units,
         fanout: admitted.fanout,
         quorum: admitted.quorum,
@@ -348,6 +346,7 @@ async fn create_inner(
         abandon(e.code());
         if e.is_payment_error() {
             let code = payment_refusal(&e);
+            app.metrics.payment_refused(code);
             return Ok((
                 "payment_refused",
                 payment_required(&challenge, Some((code, e.to_string())))?,
@@ -571,28 +570,54 @@ pub async fn finish(
             .map_err(internal)?
             .map_err(internal)?
     };
-    let network = app.rail.network().to_string();
+    let stored = answer(app.rail.as_ref(), paid, rec, &settled)?;
+    match &settled {
+        Settlement::Captured(receipt) => {
+            app.metrics.observe_receipt(&receipt.body);
+            info!(task = %paid.task_id, "task completed and captured");
+        }
+        Settlement::Refunded { code, .. } => {
+            info!(task = %paid.task_id, code, "task not served; payment refunded");
+        }
+    }
+    if let Some(k) = &paid.idempotency_key
+        && let Err(e) = app.idempotency.finish(k, &stored)
+    {
+        warn!(error = %e, "cannot store the idempotent answer");
+    }
+    Ok(stored)
+}
+
+/// The answer to a settled task: `200` with the result and `PAYMENT-RESPONSE` (or
+/// `X-PAYMENT-RESPONSE` for a v1 payment), or `503` (`500` for an internal failure) with
+/// `"refunded": true` and the refund's settlement response.
+pub fn answer(
+    rail: &LocalRail,
+    paid: &PaidTask,
+    rec: Option<&TaskRecord>,
+    settled: &Settlement,
+) -> Result<StoredResponse, ApiError> {
+    let network = rail.network();
     let header_name = if paid.x402_version == X402_V1 {
         d402_settlement::x402::X_PAYMENT_RESPONSE
     } else {
         d402_settlement::x402::PAYMENT_RESPONSE
     };
-    let stored = match &settled {
+    Ok(match settled {
         Settlement::Captured(receipt) => {
             let escrow = EscrowStatus {
                 task_id: paid.task_id,
                 state: EscrowState::Captured,
                 payer: paid.payer.clone(),
-                amount: app.rail.asset().amount(paid.price_units),
+                amount: rail.asset().amount(paid.price_units),
                 receipt: Some(receipt.clone()),
             };
-            let body = task_body(app, paid, rec, Some(&escrow));
-            let header = SettlementResponse::settled(&network, receipt.clone())
+            let body = task_body(network, paid, rec, Some(&escrow));
+            let header = SettlementResponse::settled(network, receipt.clone())
                 .to_header()
                 .map_err(internal)?;
             let mut r = json_response(StatusCode::OK, &body);
             r.headers.push((header_name.to_string(), header));
-            info!(task = %paid.task_id, "task completed and captured");
             r
         }
         Settlement::Refunded {
@@ -611,21 +636,55 @@ pub async fn finish(
                 "task_id": paid.task_id.to_string(),
                 "receipt": receipt,
             });
-            let header = SettlementResponse::refunded(&network, code, Some(receipt.clone()))
+            let header = SettlementResponse::refunded(network, code, Some(receipt.clone()))
                 .to_header()
                 .map_err(internal)?;
             let mut r = json_response(status, &body);
             r.headers.push((header_name.to_string(), header));
-            info!(task = %paid.task_id, code, "task not served; payment refunded");
             r
         }
-    };
-    if let Some(k) = &paid.idempotency_key
-        && let Err(e) = app.idempotency.complete(k, &stored)
-    {
-        warn!(error = %e, "cannot store the idempotent answer");
-    }
-    Ok(stored)
+    })
+}
+
+/// What became of the task of an idempotency record left by an earlier run: not charged
+/// (no payment locked), in progress (locked; [`recover`] settles it), or its answer.
+pub fn stale_resolver(parts: &GatewayParts) -> StaleResolver {
+    let rail = parts.rail.clone();
+    let state = parts.state.clone();
+    let tasks = parts.coordinator.tasks().clone();
+    Arc::new(move |id| {
+        let escrow = match rail.escrow(id) {
+            Ok(e) => e,
+            Err(e) => {
+                warn!(task = %id, error = %e, "cannot read the escrow of a stale request");
+                return StaleTask::InProgress;
+            }
+        };
+        let Some(escrow) = escrow else {
+            return StaleTask::NotCharged;
+        };
+        let (Some(receipt), Ok(Some(paid))) = (escrow.receipt.clone(), paid_task(&state, &id))
+        else {
+            return StaleTask::InProgress;
+        };
+        let rec = tasks.get(&id).ok().flatten();
+        let settled = match escrow.state {
+            EscrowState::Locked => return StaleTask::InProgress,
+            EscrowState::Captured => Settlement::Captured(receipt),
+            EscrowState::Refunded => {
+                let (code, message) = failure(rec.as_ref());
+                Settlement::Refunded {
+                    receipt,
+                    code,
+                    message,
+                }
+            }
+        };
+        match answer(&rail, &paid, rec.as_ref(), &settled) {
+            Ok(a) => StaleTask::Finished(a),
+            Err(_) => StaleTask::InProgress,
+        }
+    })
 }
 
 fn output_json(bytes: &[u8]) -> serde_json::Value {
@@ -653,7 +712,7 @@ fn status_of(rec: Option<&TaskRecord>, escrow: Option<&EscrowStatus>) -> &'stati
 
 /// The JSON view of a paid task (the `200` body and `GET /v1/tasks/{id}`).
 pub fn task_body(
-    app: &AppState,
+    network: &str,
     paid: &PaidTask,
     rec: Option<&TaskRecord>,
     escrow: Option<&EscrowStatus>,
@@ -726,7 +785,7 @@ pub fn task_body(
             .collect();
         body["settlement"] = serde_json::json!({
             "rail": "local",
-            "network": app.rail.network(),
+            "network": network,
             "asset": receipt.body.charged.asset,
             "price": receipt.body.charged.units.to_string(),
             "transfers": transfers,
@@ -749,7 +808,7 @@ pub async fn get_task(State(app): State<Arc<AppState>>, Path(id): Path<String>) 
     let Ok(task_id) = id.parse::<TaskId>() else {
         return not_found();
     };
-    let paid = match paid_task(&app, &task_id) {
+    let paid = match paid_task(&app.state, &task_id) {
         Ok(Some(p)) => p,
         Ok(None) => return not_found(),
         Err(e) => return internal(e).into_response(),
@@ -762,7 +821,13 @@ pub async fn get_task(State(app): State<Arc<AppState>>, Path(id): Path<String>) 
         Ok(e) => e,
         Err(e) => return internal(e).into_response(),
     };
-    axum::Json(task_body(&app, &paid, rec.as_ref(), escrow.as_ref())).into_response()
+    axum::Json(task_body(
+        app.rail.network(),
+        &paid,
+        rec.as_ref(),
+        escrow.as_ref(),
+    ))
+    .into_response()
 }
 
 /// Settles every payment a previous run left locked: the coordinator resumes the open
@@ -790,7 +855,7 @@ pub fn recover(app: &Arc<AppState>) -> anyhow::Result<usize> {
 }
 
 async fn settle_when_done(app: &Arc<AppState>, id: TaskId) -> Result<(), ApiError> {
-    let paid = paid_task(app, &id).map_err(internal)?;
+    let paid = paid_task(&app.state, &id).map_err(internal)?;
     let rec = loop {
         match app.coordinator.tasks().get(&id) {
             Ok(Some(r)) if !r.phase.is_terminal() => {}

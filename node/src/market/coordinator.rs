@@ -610,6 +610,26 @@ impl Coordinator {
         };
         if want > 0 {
             let sent = self.lease_next(&rec, want).await?;
+            // Bids that expired unused (the primary took longer than their validity, or
+            // this gateway was down) are asked for again rather than given up on; the
+            // task's deadline bounds the rounds.
+            let now = now_ms();
+            if sent == 0
+                && open == 0
+                && now < rec.spec.deadline
+                && rec
+                    .bids
+                    .iter()
+                    .any(|b| !b.used && b.bid.body.expires_at <= now)
+            {
+                info!("bids expired unused; asking for bids again");
+                inner.tasks.update(&id, |r| {
+                    r.phase = Phase::Bidding;
+                    r.updated_at = now;
+                    Ok::<_, CoordinatorError>(())
+                })?;
+                return Ok(None);
+            }
             if sent == 0 && open == 0 {
                 let r = inner
                     .tasks
