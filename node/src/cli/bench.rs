@@ -38,6 +38,8 @@ pub enum BenchCommand {
     /// Market: coordinator overhead for fanout 3 / quorum 2 against three bare round trips
     /// (issue 6).
     Market(super::bench_market::MarketArgs),
+    /// Gateway: paid-task overhead end to end with 64 clients, against its floor (issue 7).
+    Gateway(super::bench_gateway::GatewayArgs),
 }
 
 /// Arguments of `d402 bench discovery`.
@@ -78,14 +80,15 @@ pub fn run(cmd: BenchCommand) -> anyhow::Result<()> {
     match cmd {
         BenchCommand::Discovery(args) => rt.block_on(discovery(args)),
         BenchCommand::Market(args) => rt.block_on(super::bench_market::market(args)),
+        BenchCommand::Gateway(args) => rt.block_on(super::bench_gateway::gateway(args)),
     }
 }
 
 /// A temporary directory removed on drop.
-struct TmpDir(PathBuf);
+pub(super) struct TmpDir(pub(super) PathBuf);
 
 impl TmpDir {
-    fn new() -> anyhow::Result<TmpDir> {
+    pub(super) fn new() -> anyhow::Result<TmpDir> {
         static N: AtomicU64 = AtomicU64::new(0);
         let p = std::env::temp_dir().join(format!(
             "d402-bench-{}-{}",
@@ -152,7 +155,7 @@ async fn spawn(
     })
 }
 
-fn percentile(samples: &[Duration], p: f64) -> Duration {
+pub(super) fn percentile(samples: &[Duration], p: f64) -> Duration {
     if samples.is_empty() {
         return Duration::ZERO;
     }
@@ -163,7 +166,7 @@ fn percentile(samples: &[Duration], p: f64) -> Duration {
     s[rank - 1]
 }
 
-fn ms(d: Duration) -> f64 {
+pub(super) fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1000.0
 }
 

@@ -3,6 +3,7 @@
 use clap::{Parser, Subcommand};
 
 mod bench;
+mod bench_gateway;
 mod bench_market;
 mod capability;
 mod capability_fetch;
