@@ -39,11 +39,21 @@ fn chromium_or_skip() -> bool {
     false
 }
 
-/// Kills the devnet if the test fails half-way.
+/// Stops the devnet if the test fails half-way: SIGTERM first (the devnet then stops its
+/// children; a SIGKILLed devnet cannot), SIGKILL after 30 s.
 struct Guard(Child);
 
 impl Drop for Guard {
     fn drop(&mut self) {
+        if matches!(self.0.try_wait(), Ok(None)) {
+            let _ = Command::new("kill")
+                .args(["-TERM", &self.0.id().to_string()])
+                .status();
+            let deadline = Instant::now() + Duration::from_secs(30);
+            while matches!(self.0.try_wait(), Ok(None)) && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(100));
+            }
+        }
         let _ = self.0.kill();
         let _ = self.0.wait();
     }
