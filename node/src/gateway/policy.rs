@@ -835,7 +835,8 @@ pub(crate) mod tests {
     #[test]
     fn settings_are_checked() {
         let o = [offer(manifest("web.page", true), None)];
-        let cases: &[(fn(&mut GatewaySettings), &str)] = &[
+        type Edit = fn(&mut GatewaySettings);
+        let cases: &[(Edit, &str)] = &[
             (|s| s.price = Some("0.0000001".into()), "--gateway-price"),
             (|s| s.price = Some("1e-2".into()), "--gateway-price"),
             (|s| s.price = Some("0".into()), "--gateway-price"),
