@@ -141,23 +141,44 @@ async fn run_node(cfg: NodeConfig) -> anyhow::Result<()> {
             state.clone(),
             Reputation::new(state.clone(), Policy::default()),
             blobs.clone(),
-            CoordinatorConfig::default(),
+            CoordinatorConfig {
+                validators: cfg.validators,
+                validator_peers: cfg.validator_peers.clone(),
+                ..CoordinatorConfig::default()
+            },
         ))
     } else {
         None
     };
+    // Validator role (--validator) and the gateway's offers by CID for validators.
+    let validator = crate::market::validator::Validator::start_for_node(
+        &cfg, &key, &handle, &blobs, &offers,
+    )?;
     let service = service::serve(
         &handle,
         Services {
-            worker,
+            worker: worker.clone(),
             coordinator: coordinator.clone(),
-            validator: None,
+            validator: validator.clone(),
             blobs,
         },
         MARKET_QUEUE,
     )
     .await
     .context("cannot start the market service")?;
+    // `d402 ops-monitor` reads the live status here (owner-only Unix socket).
+    let _control = crate::market::ops::serve_control(
+        &cfg.state_dir,
+        crate::market::ops::ControlSources {
+            state: state.clone(),
+            net: handle.clone(),
+            worker,
+            validator: validator.clone(),
+        },
+    )?;
+    if let Some(v) = &validator {
+        v.announce().await?;
+    }
 
     if roles.worker {
         for resolved in &offers {
