@@ -567,7 +567,7 @@ async fn main_job(a: &DevnetArgs, net: &mut Devnet) -> anyhow::Result<()> {
     )
     .await?;
     step(&format!(
-        "validator up: {} (started with --validator; verdicts as far as this build's node wires them)",
+        "validator up: {} (--validator; named to the gateway with --validator-peer, which asks it for verdicts only with --validators N, 0 here)",
         net.node("validator")?.peer_id
     ));
     let starts = (1..=WORKERS).map(|i| {
