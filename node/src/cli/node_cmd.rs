@@ -286,9 +286,9 @@ pub fn worker_runner(cfg: &NodeConfig, offers: &[ResolvedCapability]) -> anyhow:
 /// (created on first use, owner-only).
 pub fn payout_wallets(cfg: &NodeConfig) -> anyhow::Result<d402_protocol::Wallets> {
     let mut payout = cfg.payout.clone();
-    if !payout.contains_key(&Chain::Local) {
+    if let std::collections::btree_map::Entry::Vacant(e) = payout.entry(Chain::Local) {
         let wallet = keys::load_or_create(&cfg.state_dir.join(PAYOUT_KEY_FILE))?;
-        payout.insert(Chain::Local, d402_settlement::wallet::address(&wallet));
+        e.insert(d402_settlement::wallet::address(&wallet));
     }
     Ok(payout)
 }

@@ -1,0 +1,370 @@
+//! The gateway's paid flow end to end: real HTTP (hyper client against the axum gateway),
+//! real libp2p on loopback, real wasmtime workers, the real `local` rail in the gateway's
+//! redb. A gateway and three workers selling `test.echo@1`, registered with a signed 10%
+//! creator commission:
+//! - no payment: 402 with `PAYMENT-REQUIRED` and the v1 body;
+//! - paid with `client::pay_local`: 200 with the output, the claims, the split and a receipt
+//!   signed by the gateway's rail key, plus `PAYMENT-RESPONSE`; every balance (payer,
+//!   workers, creator, gateway) matches the split to the unit and the ledger balances;
+//! - the same payment again: refused (`payment_replayed`), nothing charged;
+//! - no workers left: 503 `no_workers`, refunded, the payer's balance unchanged.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod market_support;
+
+use std::{collections::BTreeMap, net::SocketAddr, sync::Arc};
+
+use d402_capabilities::{CapabilityRegistration, registration::Registration};
+use d402_node::{
+    capstore::{self, CapStore},
+    gateway::{Gateway, GatewayConfig, GatewayParts, GatewayPolicy, GatewaySettings},
+    market::{now_ms, reputation::Policy, worker::WorkerConfig},
+};
+use d402_protocol::{Chain, PublicKey, RailKind, SigningKey};
+use d402_settlement::{
+    Asset, LocalRail, LocalRailConfig, client, wallet,
+    x402::{PAYMENT_REQUIRED, PAYMENT_RESPONSE, PAYMENT_SIGNATURE, SettlementResponse},
+};
+use http_body_util::{BodyExt, Full};
+use hyper::HeaderMap;
+use market_support::*;
+use serde_json::{Value, json};
+
+const PRICE: u64 = 10_000; // $0.01
+const BUDGET: &str = "0.009"; // 9_000 units: at most 3_000 per worker with fanout 3
+const FLOOR: u64 = 2_000; // each worker's bid
+const BPS: u64 = 1_000; // 10% creator commission
+const FUNDS: u64 = 1_000_000;
+
+/// One HTTP/1.1 request over a fresh connection.
+async fn http(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    headers: &[(&str, String)],
+    body: Option<Value>,
+) -> (u16, HeaderMap, Vec<u8>) {
+    let stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let (mut sender, conn) =
+        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
+            .await
+            .unwrap();
+    tokio::spawn(conn);
+    let mut req = hyper::Request::builder()
+        .method(method)
+        .uri(path)
+        .header("host", addr.to_string())
+        .header("content-type", "application/json");
+    for (k, v) in headers {
+        req = req.header(*k, v.as_str());
+    }
+    let bytes = body.map(|b| b.to_string().into_bytes()).unwrap_or_default();
+    let req = req.body(Full::new(bytes::Bytes::from(bytes))).unwrap();
+    let resp = tokio::time::timeout(TIMEOUT, sender.send_request(req))
+        .await
+        .expect("the gateway answers in time")
+        .unwrap();
+    let status = resp.status().as_u16();
+    let headers = resp.headers().clone();
+    let body = resp
+        .into_body()
+        .collect()
+        .await
+        .unwrap()
+        .to_bytes()
+        .to_vec();
+    (status, headers, body)
+}
+
+fn json_of(body: &[u8]) -> Value {
+    serde_json::from_slice(body)
+        .unwrap_or_else(|e| panic!("not JSON ({e}): {}", String::from_utf8_lossy(body)))
+}
+
+async fn balance(addr: SocketAddr, who: &str) -> u64 {
+    let (status, _, body) =
+        http(addr, "GET", &format!("/v1/local/accounts/{who}"), &[], None).await;
+    assert_eq!(status, 200, "{}", String::from_utf8_lossy(&body));
+    json_of(&body)["units"].as_str().unwrap().parse().unwrap()
+}
+
+fn task_request() -> Value {
+    json!({"capability": "test.echo@1", "input": {"msg": "hello, paid world"}})
+}
+
+/// Asks for the task without paying and pays the challenge: the `PAYMENT-SIGNATURE` value.
+async fn pay(addr: SocketAddr, payer: &SigningKey) -> String {
+    let (status, headers, body) = http(addr, "POST", "/v1/tasks", &[], Some(task_request())).await;
+    assert_eq!(status, 402, "{}", String::from_utf8_lossy(&body));
+    let header = headers
+        .get(PAYMENT_REQUIRED)
+        .expect("PAYMENT-REQUIRED")
+        .to_str()
+        .unwrap();
+    let challenge = client::read_challenge(Some(header), Some(&body)).unwrap();
+    let payment = client::pay_local(&challenge, payer, now_ms(), Some(PRICE)).unwrap();
+    payment.header_v2().unwrap().1
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn paid_task_splits_to_the_unit_replay_refused_no_workers_refunded() {
+    let gw_dir = tempfile::tempdir().unwrap();
+    let worker_dirs: Vec<_> = (0..3).map(|_| tempfile::tempdir().unwrap()).collect();
+    let offer = echo_offer(FLOOR);
+
+    // The capability, registered by its publisher with a 10% commission to the creator.
+    let publisher = wallet::generate().unwrap();
+    let creator = wallet::address(&wallet::generate().unwrap());
+    let terms = Registration::for_manifest(
+        &offer.manifest,
+        BPS as u16,
+        [(Chain::Local, creator.clone())].into_iter().collect(),
+        None,
+        now_ms(),
+    )
+    .unwrap();
+    let registration = CapabilityRegistration::sign(terms, &publisher).unwrap();
+    CapStore::new(gw_dir.path())
+        .import(&offer.manifest, &offer.wasm, Some(&registration), false)
+        .unwrap();
+
+    // The gateway: coordinator over libp2p, local rail in its redb, HTTP on port 0.
+    let gw = start_gateway(
+        gw_dir.path(),
+        seed(),
+        0,
+        coordinator_config(),
+        Policy::default(),
+    )
+    .await;
+    let gateway_key = wallet::generate().unwrap();
+    let gateway_pub = PublicKey::from(gateway_key.verifying_key());
+    let rail = Arc::new(
+        LocalRail::open(
+            gw.state.database().clone(),
+            gateway_key,
+            LocalRailConfig {
+                dev_mode: true,
+                ..LocalRailConfig::default()
+            },
+        )
+        .unwrap(),
+    );
+    let gateway_account = rail.address();
+    let resolved = capstore::resolve_offer(gw_dir.path(), &"test.echo@1".parse().unwrap()).unwrap();
+    let mut settings = GatewaySettings::new(RailKind::Local, Asset::local_usdc());
+    settings.price = Some("$0.01".into());
+    settings.budget = Some(BUDGET.into());
+    settings.fanout = 3;
+    settings.quorum = 2;
+    settings.require_capability_registration = true;
+    settings.require_signed_capability_registration = true;
+    settings.max_creator_commission_bps = Some(2_000);
+    let policy = GatewayPolicy::new(&settings, &[resolved]).unwrap();
+    let gateway = Gateway::start(
+        GatewayConfig::new("127.0.0.1:0".parse().unwrap(), true),
+        GatewayParts {
+            rail: rail.clone(),
+            coordinator: gw.coordinator.clone().unwrap(),
+            net: gw.net.clone(),
+            state: gw.state.clone(),
+            policy,
+        },
+    )
+    .await
+    .unwrap();
+    let addr = gateway.local_addr();
+
+    // Three workers, each paid to its own local wallet.
+    let mut workers = Vec::new();
+    let mut worker_wallets = Vec::new();
+    for d in &worker_dirs {
+        let w = wallet::address(&wallet::generate().unwrap());
+        let cfg = WorkerConfig::new(
+            vec![offer.clone()],
+            vec![RailKind::Local],
+            [(Chain::Local, w.clone())].into_iter().collect(),
+        );
+        let node = start_worker(d.path(), cfg).await;
+        gw.net.connect(node.addr.clone()).await.unwrap();
+        workers.push(node);
+        worker_wallets.push(w);
+    }
+
+    // A payer funded by the dev faucet.
+    let payer = wallet::generate().unwrap();
+    let payer_addr = wallet::address(&payer);
+    let (status, _, body) = http(
+        addr,
+        "POST",
+        "/v1/local/faucet",
+        &[],
+        Some(json!({"address": payer_addr, "units": FUNDS.to_string()})),
+    )
+    .await;
+    assert_eq!(status, 200, "{}", String::from_utf8_lossy(&body));
+    assert_eq!(json_of(&body)["units"], FUNDS.to_string());
+
+    // 1. No payment: 402 with both forms of the challenge.
+    let (status, headers, body) = http(addr, "POST", "/v1/tasks", &[], Some(task_request())).await;
+    assert_eq!(status, 402);
+    let v1 = json_of(&body);
+    assert_eq!(v1["x402Version"], 1);
+    assert_eq!(v1["accepts"][0]["maxAmountRequired"], PRICE.to_string());
+    assert_eq!(v1["accepts"][0]["payTo"], gateway_account);
+    let challenge = client::read_challenge(
+        Some(headers.get(PAYMENT_REQUIRED).unwrap().to_str().unwrap()),
+        None,
+    )
+    .unwrap();
+    assert_eq!(challenge.accepts[0].amount.0, PRICE);
+    assert_eq!(balance(addr, &payer_addr).await, FUNDS, "nothing charged");
+
+    // 2. Paid: 200 with the output, the quorum, the split and the signed receipt.
+    let payment = pay(addr, &payer).await;
+    let (status, headers, body) = http(
+        addr,
+        "POST",
+        "/v1/tasks",
+        &[(PAYMENT_SIGNATURE, payment.clone())],
+        Some(task_request()),
+    )
+    .await;
+    assert_eq!(status, 200, "{}", String::from_utf8_lossy(&body));
+    let done = json_of(&body);
+    assert_eq!(done["status"], "completed");
+    assert_eq!(done["capability"], "test.echo@1");
+    // The echo module returns its whole framed input (d402-wasm-1 frame around the JSON).
+    let output = done["output"]
+        .as_str()
+        .expect("UTF-8 output as a JSON string");
+    assert!(
+        output.contains(r#"{"msg":"hello, paid world"}"#),
+        "{output:?}"
+    );
+    assert_eq!(done["quorum"]["fanout"], 3);
+    assert_eq!(done["quorum"]["quorum"], 2);
+    let accepted = done["quorum"]["agreeing"].as_u64().unwrap();
+    assert!(accepted >= 2, "{done}");
+    assert_eq!(done["settlement"]["price"], PRICE.to_string());
+    let response =
+        SettlementResponse::from_header(headers.get(PAYMENT_RESPONSE).unwrap().to_str().unwrap())
+            .unwrap();
+    assert!(response.success);
+    let receipt = response
+        .verified_receipt(Some(&gateway_pub))
+        .unwrap()
+        .expect("a receipt")
+        .clone();
+    assert_eq!(receipt.body.payer, payer_addr);
+    assert_eq!(receipt.body.charged.units, PRICE);
+    assert_eq!(json!(receipt), done["receipt"]);
+
+    // Balances match the split to the unit: each accepted worker its 2000 bid less 10%,
+    // the creator 10% of each, the gateway the rest; nobody else got anything.
+    let creator_cut = FLOOR * BPS / 10_000;
+    let mut expected: BTreeMap<String, u64> = BTreeMap::new();
+    for t in &receipt.body.transfers {
+        *expected.entry(t.to.clone()).or_default() += t.units;
+    }
+    let paid_workers: Vec<_> = worker_wallets
+        .iter()
+        .filter(|w| expected.contains_key(*w))
+        .collect();
+    assert_eq!(paid_workers.len() as u64, accepted, "{done}");
+    for w in &worker_wallets {
+        let want = if expected.contains_key(w) {
+            FLOOR - creator_cut
+        } else {
+            0
+        };
+        assert_eq!(expected.get(w).copied().unwrap_or(0), want);
+        assert_eq!(balance(addr, w).await, want, "worker {w}");
+    }
+    assert_eq!(balance(addr, &creator).await, creator_cut * accepted);
+    assert_eq!(
+        balance(addr, &gateway_account).await,
+        PRICE - FLOOR * accepted
+    );
+    assert_eq!(balance(addr, &payer_addr).await, FUNDS - PRICE);
+    let audit = rail.audit().unwrap();
+    assert!(audit.is_balanced(), "{audit:?}");
+
+    // The task can be read back.
+    let task_id = done["task_id"].as_str().unwrap().to_string();
+    let (status, _, body) = http(addr, "GET", &format!("/v1/tasks/{task_id}"), &[], None).await;
+    assert_eq!(status, 200);
+    let got = json_of(&body);
+    assert_eq!(got["status"], "completed");
+    assert_eq!(got["output"], done["output"]);
+    assert_eq!(got["receipt"], done["receipt"]);
+    let (status, _, body) = http(
+        addr,
+        "GET",
+        "/v1/tasks/00000000000000000000000000000000",
+        &[],
+        None,
+    )
+    .await;
+    assert_eq!(status, 404);
+    assert_eq!(json_of(&body)["error"]["code"], "task_not_found");
+
+    // 3. The same payment again: refused before any work, nothing charged.
+    let (status, headers, body) = http(
+        addr,
+        "POST",
+        "/v1/tasks",
+        &[(PAYMENT_SIGNATURE, payment)],
+        Some(task_request()),
+    )
+    .await;
+    assert_eq!(status, 402, "{}", String::from_utf8_lossy(&body));
+    assert_eq!(json_of(&body)["error"], "payment_replayed");
+    let again = client::read_challenge(
+        Some(headers.get(PAYMENT_REQUIRED).unwrap().to_str().unwrap()),
+        None,
+    )
+    .unwrap();
+    assert_eq!(again.error.as_deref(), Some("payment_replayed"));
+    assert_eq!(balance(addr, &payer_addr).await, FUNDS - PRICE);
+
+    // 4. No workers left: 503 no_workers, the payment refunded.
+    for w in workers {
+        w.stop().await;
+    }
+    let before = balance(addr, &payer_addr).await;
+    let payment = pay(addr, &payer).await;
+    let (status, headers, body) = http(
+        addr,
+        "POST",
+        "/v1/tasks",
+        &[(PAYMENT_SIGNATURE, payment)],
+        Some(task_request()),
+    )
+    .await;
+    assert_eq!(status, 503, "{}", String::from_utf8_lossy(&body));
+    let failed = json_of(&body);
+    assert_eq!(failed["error"]["code"], "no_workers", "{failed}");
+    assert_eq!(failed["refunded"], true);
+    let refund =
+        SettlementResponse::from_header(headers.get(PAYMENT_RESPONSE).unwrap().to_str().unwrap())
+            .unwrap();
+    assert!(!refund.success);
+    assert_eq!(refund.error_reason.as_deref(), Some("no_workers"));
+    let refund_receipt = refund
+        .verified_receipt(Some(&gateway_pub))
+        .unwrap()
+        .unwrap();
+    assert_eq!(refund_receipt.body.transfers.len(), 1);
+    assert_eq!(refund_receipt.body.transfers[0].to, payer_addr);
+    assert_eq!(refund_receipt.body.transfers[0].units, PRICE);
+    assert_eq!(balance(addr, &payer_addr).await, before, "refunded");
+    let failed_id = failed["task_id"].as_str().unwrap();
+    let (_, _, body) = http(addr, "GET", &format!("/v1/tasks/{failed_id}"), &[], None).await;
+    assert_eq!(json_of(&body)["status"], "refunded");
+    assert!(rail.audit().unwrap().is_balanced());
+
+    gateway.shutdown().await;
+    gw.stop().await;
+}
