@@ -368,3 +368,138 @@ async fn paid_task_splits_to_the_unit_replay_refused_no_workers_refunded() {
     gateway.shutdown().await;
     gw.stop().await;
 }
+
+/// A payment locked (with its task row) just before a crash, whose task never reached the
+/// coordinator: the restarted gateway refunds it, and `GET /v1/tasks/{id}` says so.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn payment_locked_before_a_crash_is_refunded_at_restart() {
+    use d402_node::gateway::tasks::{PAID_TASKS, PaidTask};
+    use d402_protocol::TaskId;
+    use d402_settlement::{
+        QuoteRequest, Rail,
+        x402::{Payment, PaymentRequired, ResourceInfo},
+    };
+
+    let gw_dir = tempfile::tempdir().unwrap();
+    let offer = echo_offer(FLOOR);
+    CapStore::new(gw_dir.path())
+        .import(&offer.manifest, &offer.wasm, None, false)
+        .unwrap();
+    let gw = start_gateway(
+        gw_dir.path(),
+        seed(),
+        0,
+        coordinator_config(),
+        Policy::default(),
+    )
+    .await;
+    let rail = Arc::new(
+        LocalRail::open(
+            gw.state.database().clone(),
+            wallet::generate().unwrap(),
+            LocalRailConfig {
+                dev_mode: true,
+                ..LocalRailConfig::default()
+            },
+        )
+        .unwrap(),
+    );
+    let payer = wallet::generate().unwrap();
+    let payer_addr = wallet::address(&payer);
+    rail.faucet(&payer_addr, FUNDS, now_ms()).unwrap();
+
+    // What the previous run did before it crashed: verified, locked and recorded.
+    let capability: d402_protocol::CapabilityRef = "test.echo@1".parse().unwrap();
+    let quote = rail
+        .quote(&QuoteRequest {
+            capability: capability.clone(),
+            price_units: PRICE,
+            creator_commission_bps: 0,
+        })
+        .unwrap();
+    let resource = ResourceInfo {
+        url: "http://127.0.0.1:1/v1/tasks".into(),
+        description: None,
+        mime_type: None,
+    };
+    let challenge = PaymentRequired::new(
+        resource.clone(),
+        vec![rail.challenge(&quote, &resource).unwrap()],
+    );
+    let value = client::pay_local(&challenge, &payer, now_ms(), None)
+        .unwrap()
+        .header_v2()
+        .unwrap()
+        .1;
+    let payment = Payment::from_headers(Some(&value), None).unwrap().unwrap();
+    let verified = rail.verify_payment(&payment, &challenge, now_ms()).unwrap();
+    let task_id = TaskId([42; 16]);
+    let paid = PaidTask {
+        v: 1,
+        task_id,
+        capability,
+        manifest_cid: offer.manifest_cid,
+        commission: d402_settlement::CommissionTerms::none(),
+        price_units: PRICE,
+        fanout: 1,
+        quorum: 1,
+        payer: payer_addr.clone(),
+        x402_version: 2,
+        idempotency_key: None,
+        created_at: now_ms(),
+    };
+    let row = d402_node::state::encode("gateway_tasks", &paid).unwrap();
+    let txn = rail.database().begin_write().unwrap();
+    rail.lock_in(&txn, task_id, &verified, now_ms()).unwrap();
+    txn.open_table(PAID_TASKS)
+        .unwrap()
+        .insert(&task_id.0[..], row.as_slice())
+        .unwrap();
+    txn.commit().unwrap();
+    assert_eq!(rail.balance(&payer_addr).unwrap(), FUNDS - PRICE);
+
+    // The restart: the gateway settles what was left locked.
+    let resolved = capstore::resolve_offer(gw_dir.path(), &"test.echo@1".parse().unwrap()).unwrap();
+    let policy = GatewayPolicy::new(
+        &GatewaySettings::new(RailKind::Local, Asset::local_usdc()),
+        &[resolved],
+    )
+    .unwrap();
+    let gateway = Gateway::start(
+        GatewayConfig::new("127.0.0.1:0".parse().unwrap(), true),
+        GatewayParts {
+            rail: rail.clone(),
+            coordinator: gw.coordinator.clone().unwrap(),
+            net: gw.net.clone(),
+            state: gw.state.clone(),
+            policy,
+        },
+    )
+    .await
+    .unwrap();
+    eventually("the locked payment is refunded", || {
+        let rail = rail.clone();
+        async move {
+            let e = rail.escrow(task_id).unwrap()?;
+            (e.state == d402_settlement::EscrowState::Refunded).then_some(())
+        }
+    })
+    .await;
+    assert_eq!(rail.balance(&payer_addr).unwrap(), FUNDS);
+    assert!(rail.audit().unwrap().is_balanced());
+    let (status, _, body) = http(
+        gateway.local_addr(),
+        "GET",
+        &format!("/v1/tasks/{task_id}"),
+        &[],
+        None,
+    )
+    .await;
+    assert_eq!(status, 200);
+    let got = json_of(&body);
+    assert_eq!(got["status"], "refunded", "{got}");
+    assert_eq!(got["settlement"]["transfers"][0]["role"], "refund");
+
+    gateway.shutdown().await;
+    gw.stop().await;
+}
