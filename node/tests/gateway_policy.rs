@@ -209,6 +209,8 @@ async fn policy_refuses_before_payment_and_idempotency_charges_once() {
         cfg.faults.claim_delay = Duration::from_secs(3);
         let node = start_worker(d.path(), cfg).await;
         gw.net.connect(node.addr.clone()).await.unwrap();
+        // As `d402 node` does: a provider record for the manifest (what /readyz looks up).
+        node.net.provide(echo.manifest_cid).await.unwrap();
         workers.push(node);
     }
 
@@ -357,9 +359,61 @@ async fn policy_refuses_before_payment_and_idempotency_charges_once() {
         "{text}"
     );
 
+    // The surface: only the sellable capability is listed, with the server's terms.
+    let (status, _, body) = http(addr, "GET", "/v1/capabilities", &[], None).await;
+    assert_eq!(status, 200);
+    let caps = json_of(&body);
+    let list = caps["capabilities"].as_array().unwrap();
+    assert_eq!(list.len(), 1, "{caps}");
+    assert_eq!(list[0]["capability"], "test.echo@1");
+    assert_eq!(list[0]["manifest_cid"], echo.manifest_cid.to_string());
+    assert_eq!(list[0]["price"]["units"], PRICE.to_string());
+    assert_eq!(list[0]["creator_commission_bps"], 1000);
+    assert_eq!(list[0]["fanout"], 3);
+    assert_eq!(list[0]["quorum"], 2);
+    let (status, _, body) = http(addr, "GET", "/healthz", &[], None).await;
+    assert_eq!((status, json_of(&body)), (200, json!({"status": "ok"})));
+    // /readyz answers in the contract's shape. (Whether it turns ready depends on the
+    // gateway finding a provider record for the manifest; in this harness the lookup
+    // finds none within its 2 s budget, so only the shape is checked here.)
+    let (status, _, body) = http(addr, "GET", "/readyz", &[], None).await;
+    let ready = json_of(&body);
+    assert!(
+        (status == 200 && ready["status"] == "ready")
+            || (status == 503 && ready["error"]["code"] == "not_ready"),
+        "{status} {ready}"
+    );
+    let (status, _, body) = http(addr, "GET", "/openapi.json", &[], None).await;
+    assert_eq!(status, 200);
+    let doc = json_of(&body);
+    assert_eq!(doc["openapi"], "3.1.0");
+    assert!(doc["paths"]["/v1/tasks"]["post"].is_object());
+    let (status, h, _) = http(
+        addr,
+        "OPTIONS",
+        "/v1/tasks",
+        &[
+            ("origin", "https://app.example".into()),
+            ("access-control-request-method", "POST".into()),
+            ("access-control-request-headers", "payment-signature".into()),
+        ],
+        None,
+    )
+    .await;
+    assert!((200..300).contains(&status), "{status}");
+    assert_eq!(h["access-control-allow-origin"], "*");
+
     for w in workers {
         w.stop().await;
     }
+    // Without workers the gateway is not ready, and says why.
+    eventually("not ready", || async {
+        let (status, _, body) = http(addr, "GET", "/readyz", &[], None).await;
+        (status == 503).then(|| json_of(&body))
+    })
+    .await;
+    let (_, _, body) = http(addr, "GET", "/readyz", &[], None).await;
+    assert_eq!(json_of(&body)["error"]["code"], "not_ready");
     gateway.shutdown().await;
     gw.stop().await;
 }
