@@ -151,9 +151,8 @@ async fn run_node(cfg: NodeConfig) -> anyhow::Result<()> {
         None
     };
     // Validator role (--validator) and the gateway's offers by CID for validators.
-    let validator = crate::market::validator::Validator::start_for_node(
-        &cfg, &key, &handle, &blobs, &offers,
-    )?;
+    let validator =
+        crate::market::validator::Validator::start_for_node(&cfg, &key, &handle, &blobs, &offers)?;
     let service = service::serve(
         &handle,
         Services {

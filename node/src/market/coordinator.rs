@@ -16,7 +16,7 @@
 use std::{
     collections::{HashMap, HashSet},
     sync::{Arc, Mutex},
-    time::Duration,
+    time::{Duration, Instant},
 };
 
 use d402_protocol::{
@@ -154,7 +154,16 @@ struct Inner {
     blobs: BlobStore,
     cfg: CoordinatorConfig,
     wake: Mutex<HashMap<TaskId, Arc<Notify>>>,
+    /// Providers found per manifest CID and when they were looked up: a DHT walk per task
+    /// would dominate a paid task's latency, so one walk serves [`PROVIDER_TTL`].
+    providers: Mutex<HashMap<Cid, (Instant, Vec<Provider>)>>,
 }
+
+/// A peer to ask for a bid, with the addresses to dial it at.
+type Provider = (PeerId, Vec<Multiaddr>);
+
+/// How long a provider lookup is reused for new tasks of the same manifest.
+pub const PROVIDER_TTL: Duration = Duration::from_secs(30);
 
 /// The coordinator. Cheap to clone.
 #[derive(Clone)]
@@ -191,6 +200,7 @@ impl Coordinator {
                 blobs,
                 cfg,
                 wake: Mutex::default(),
+                providers: Mutex::default(),
             }),
         }
     }
@@ -318,20 +328,52 @@ impl Coordinator {
         Ok(())
     }
 
+    /// The providers of `manifest`: from the cache while it is younger than
+    /// [`PROVIDER_TTL`], else from a Kademlia lookup (an empty answer is not cached, so a
+    /// network that is still forming is asked again on the next task).
+    async fn providers(&self, manifest: Cid) -> Vec<Provider> {
+        let fresh = |at: &Instant| at.elapsed() < PROVIDER_TTL;
+        if let Some((_, found)) = self
+            .inner
+            .providers
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&manifest)
+            .filter(|(at, _)| fresh(at))
+        {
+            return found.clone();
+        }
+        let opts = LookupOptions {
+            limit: None,
+            timeout: self.inner.cfg.lookup_timeout,
+        };
+        let found: Vec<Provider> = match self.inner.net.find_providers(manifest, opts).await {
+            Ok(found) => found.into_iter().map(|p| (p.peer_id, p.addrs)).collect(),
+            Err(e) => {
+                debug!(%manifest, error = %e, "provider lookup failed");
+                Vec::new()
+            }
+        };
+        let mut cache = self
+            .inner
+            .providers
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        cache.retain(|_, (at, _)| fresh(at));
+        if !found.is_empty() {
+            cache.insert(manifest, (Instant::now(), found.clone()));
+        }
+        found
+    }
+
     async fn candidates(&self, spec: &TaskSpec) -> Vec<(PeerId, Vec<Multiaddr>)> {
         let net = &self.inner.net;
         let mut out: Vec<(PeerId, Vec<Multiaddr>)> = Vec::new();
         let mut seen = HashSet::new();
         seen.insert(net.local_peer_id());
-        let opts = LookupOptions {
-            limit: None,
-            timeout: self.inner.cfg.lookup_timeout,
-        };
-        if let Ok(found) = net.find_providers(spec.manifest_cid, opts).await {
-            for p in found {
-                if seen.insert(p.peer_id) {
-                    out.push((p.peer_id, p.addrs));
-                }
+        for (peer, addrs) in self.providers(spec.manifest_cid).await {
+            if seen.insert(peer) {
+                out.push((peer, addrs));
             }
         }
         if let Ok(conn) = net.connected_peers().await {
