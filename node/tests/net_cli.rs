@@ -230,6 +230,24 @@ fn operator_guide_worker_and_gateway_commands_stay_up() {
     worker.assert_running("worker");
     gateway.assert_running("gateway");
 
+    // The guide's gateway asks for solana-direct, which this build cannot run: its HTTP port
+    // says so on every paid request (and never asks for a payment), /healthz still answers.
+    assert_eq!(gateway.listening["rail_unavailable"], "solana-direct");
+    let http = gateway.listening["http"].as_str().unwrap().to_string();
+    let refused = http_request(&http, "POST", "/v1/tasks", "{}");
+    assert!(refused.starts_with("HTTP/1.1 503"), "{refused}");
+    assert!(
+        refused.contains(r#""code":"rail_unavailable""#),
+        "{refused}"
+    );
+    assert!(
+        !refused
+            .lines()
+            .any(|l| l.to_ascii_lowercase().starts_with("payment-required:")),
+        "{refused}"
+    );
+    assert!(http_request(&http, "GET", "/healthz", "").starts_with("HTTP/1.1 200"));
+
     let gateway_id = gateway.peer_id();
     gateway.stop();
     worker.stop();
@@ -251,6 +269,23 @@ fn operator_guide_worker_and_gateway_commands_stay_up() {
     ]);
     assert_eq!(again.peer_id(), gateway_id);
     again.stop();
+}
+
+/// One HTTP/1.1 request over a plain socket; the whole answer as text.
+fn http_request(addr: &str, method: &str, path: &str, body: &str) -> String {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(TIMEOUT)).unwrap();
+    write!(
+        s,
+        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json\r\n\
+         Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    )
+    .unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).unwrap();
+    out
 }
 
 fn print_config(args: &[&str], env: &[(&str, &str)]) -> (bool, String, String) {

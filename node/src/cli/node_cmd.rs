@@ -16,7 +16,7 @@
 
 use std::{path::Path, sync::Arc, time::Duration};
 
-use anyhow::{Context, bail};
+use anyhow::Context;
 use d402_capabilities::SnapshotterKind;
 use d402_protocol::{Chain, RailKind, SigningKey};
 use d402_runtime::{
@@ -29,7 +29,10 @@ use tracing::{info, warn};
 use crate::{
     capstore::{self, ResolvedCapability},
     config::{LogFormat, NodeArgs, NodeConfig},
-    gateway::{Gateway, GatewayConfig, GatewayParts, GatewayPolicy, GatewaySettings},
+    gateway::{
+        Gateway, GatewayConfig, GatewayParts, GatewayPolicy, GatewaySettings,
+        unavailable::Unavailable,
+    },
     keys,
     market::{
         blobs::BlobStore,
@@ -97,12 +100,11 @@ async fn run_node(cfg: NodeConfig) -> anyhow::Result<()> {
     let roles = cfg.roles();
     let span = tracing::info_span!("node", label = %cfg.label);
     let _enter = span.enter();
-    if roles.gateway
-        && let Some(rail) = cfg.payment
-        && rail != RailKind::Local
-    {
-        bail!("--payment {rail}: rail {rail} is not available in this build (use --payment local)");
-    }
+    // A gateway on a rail this build cannot run still joins the network, and its HTTP port
+    // refuses every paid request with `rail_unavailable` (see gateway::unavailable).
+    let unavailable_rail = cfg
+        .payment
+        .filter(|rail| roles.gateway && *rail != RailKind::Local);
     let state = State::open(&cfg.state_dir)
         .with_context(|| format!("cannot open state in {}", cfg.state_dir.display()))?;
     // Every --offer must resolve (local store, then the built-in capabilities) before the
@@ -134,7 +136,7 @@ async fn run_node(cfg: NodeConfig) -> anyhow::Result<()> {
     } else {
         None
     };
-    let coordinator = if roles.gateway {
+    let coordinator = if roles.gateway && unavailable_rail.is_none() {
         Some(Coordinator::new(
             key.clone(),
             handle.clone(),
@@ -193,6 +195,22 @@ async fn run_node(cfg: NodeConfig) -> anyhow::Result<()> {
         Some(c) => Some(start_gateway(&cfg, &state, &handle, c.clone(), &offers).await?),
         None => None,
     };
+    let refusing = match unavailable_rail {
+        Some(rail) => {
+            let (host, port) = cfg.http.context("a gateway needs --http-port")?;
+            let u = Unavailable::start((host, port).into(), rail)
+                .await
+                .context("cannot listen for HTTP")?;
+            warn!(
+                %rail,
+                http = %u.local_addr(),
+                "the {rail} rail is not available in this build: the gateway joins the network \
+                 but answers every paid request with 503 rail_unavailable (use --payment local)"
+            );
+            Some(u)
+        }
+        None => None,
+    };
 
     // Give the listeners a moment to report every address (QUIC comes up after TCP).
     tokio::time::sleep(Duration::from_millis(50)).await;
@@ -207,10 +225,17 @@ async fn run_node(cfg: NodeConfig) -> anyhow::Result<()> {
     if let Some(g) = &gateway {
         line["http"] = g.local_addr().to_string().into();
     }
+    if let (Some(u), Some(rail)) = (&refusing, unavailable_rail) {
+        line["http"] = u.local_addr().to_string().into();
+        line["rail_unavailable"] = rail.to_string().into();
+    }
     println!("{line}");
 
     wait_for_signal().await?;
     info!("shutting down");
+    if let Some(u) = refusing {
+        u.shutdown().await;
+    }
     if let Some(g) = gateway {
         g.shutdown().await;
     }

@@ -26,6 +26,7 @@ pub mod metrics;
 pub mod openapi;
 pub mod policy;
 pub mod tasks;
+pub mod unavailable;
 
 use std::{
     net::SocketAddr,
