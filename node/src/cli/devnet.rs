@@ -567,7 +567,7 @@ async fn main_job(a: &DevnetArgs, net: &mut Devnet) -> anyhow::Result<()> {
     )
     .await?;
     step(&format!(
-        "validator up: {} (--validator; named to the gateway with --validator-peer, which asks it for verdicts only with --validators N, 0 here)",
+        "validator up: {} (--validator; named to the gateway with --validator-peer; the gateway requires 1 agreeing verdict on top of the quorum: --validators 1)",
         net.node("validator")?.peer_id
     ));
     let starts = (1..=WORKERS).map(|i| {
@@ -619,6 +619,8 @@ async fn main_job(a: &DevnetArgs, net: &mut Devnet) -> anyhow::Result<()> {
             "2".into(),
             "--validator-peer".into(),
             validator_peer,
+            "--validators".into(),
+            "1".into(),
             "--require-signed-capability-registration".into(),
             "--allow-loopback-urls".into(),
         ],
