@@ -9,7 +9,7 @@
 //! after the subsystem, e.g. `"offers"`, `"tasks"`, `"payments"`, `"reputation"`) and
 //! reads and writes them through [`State::write`] / [`State::read`] (or [`StateReader`]),
 //! which commit with immediate durability before returning: a change is on disk before
-//! the caller acknowledges it. Values are canonical CBOR with a size cap
+//! the caller acknowledges it. Values are CBOR with a size cap
 //! ([`encode`] / [`decode`]), so a damaged row is an error, never a panic. This module
 //! holds the tables every node has: [`META`] (schema version) and [`PEERS`].
 
@@ -37,7 +37,7 @@ pub const SCHEMA_VERSION: u32 = 1;
 /// Small key/value facts about the database itself (`schema` → version).
 pub const META: TableDefinition<&str, u32> = TableDefinition::new("meta");
 
-/// Known peers: PeerId bytes → canonical CBOR of [`KnownPeer`].
+/// Known peers: PeerId bytes → CBOR of [`KnownPeer`].
 pub const PEERS: TableDefinition<&[u8], &[u8]> = TableDefinition::new("peers");
 
 /// Largest encoded [`KnownPeer`] accepted.
@@ -101,21 +101,23 @@ from_redb!(
     redb::CommitError
 );
 
-/// Canonical CBOR of a row value.
+/// CBOR of a row value ([`d402_protocol::cbor::to_local`]: rows are this node's own, so
+/// they skip canonicalisation, which dominated the coordinator's CPU time).
 pub fn encode<T: Serialize>(table: &'static str, value: &T) -> Result<Vec<u8>, StateError> {
-    d402_protocol::cbor::to_canonical(value).map_err(|e| StateError::Corrupt {
+    d402_protocol::cbor::to_local(value).map_err(|e| StateError::Corrupt {
         table,
         reason: e.to_string(),
     })
 }
 
-/// Decodes a row value, refusing more than `max` bytes.
-pub fn decode<T: Serialize + DeserializeOwned>(
+/// Decodes a row value, refusing more than `max` bytes (rows written canonically by earlier
+/// versions read the same).
+pub fn decode<T: DeserializeOwned>(
     table: &'static str,
     bytes: &[u8],
     max: usize,
 ) -> Result<T, StateError> {
-    d402_protocol::cbor::from_canonical(bytes, max, table).map_err(|e| StateError::Corrupt {
+    d402_protocol::cbor::from_local(bytes, max, table).map_err(|e| StateError::Corrupt {
         table,
         reason: e.to_string(),
     })

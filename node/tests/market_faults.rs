@@ -158,6 +158,8 @@ async fn killed_worker_lease_is_reassigned_and_task_completes() {
     };
     let mut cfg = worker_cfg(&cheap, 0);
     cfg.faults.claim_delay = Duration::from_secs(120);
+    // Acknowledges at once, so that the gateway holds an accepted lease when it dies.
+    cfg.inline_claim_window = Duration::ZERO;
     let victim = start_worker(dirs[1].path(), cfg).await;
     let mut others = Vec::new();
     for (i, d) in dirs[2..].iter().enumerate() {
@@ -560,6 +562,9 @@ async fn restarted_gateway_resumes_the_task_from_redb() {
     }
     let mut spec = task(&offer, br#"{"n":"restart"}"#, 3, 2);
     spec.deadline = now_ms() + 120_000;
+    // The primary-first path (as for a capability that snapshots): the echo module takes no
+    // snapshot, so it would otherwise lease all three at once and no bid would expire.
+    spec.takes_snapshot = true;
     let id = spec.task_id;
     let (first_lease, first_bids) = {
         let coord = gw.coordinator.clone().unwrap();
@@ -567,14 +572,24 @@ async fn restarted_gateway_resumes_the_task_from_redb() {
             let c = coord.clone();
             async move { c.run_task(spec).await }
         });
+        // An accepted lease stays `Sent` in redb (acknowledgements cost no commit), so the
+        // worker side says when it was accepted.
+        let accepted = || {
+            workers
+                .iter()
+                .map(|w| w.worker.as_ref().unwrap().leases_accepted())
+                .sum::<u64>()
+        };
         let lease = eventually("the primary's lease accepted", || {
             let c = coord.clone();
+            let n = accepted();
             async move {
                 let r = c.tasks().get(&id).unwrap()?;
                 let bids: Vec<Cid> = r.bids.iter().map(|b| b.bid_cid).collect();
                 r.leases
                     .iter()
-                    .find(|l| l.status == LeaseStatus::Accepted)
+                    .find(|l| l.is_open())
+                    .filter(|_| n >= 1)
                     .map(|l| (l.lease_cid, bids))
             }
         })
@@ -877,14 +892,16 @@ async fn restarted_gateway_serves_the_pinned_snapshot_again() {
         });
         let pinned = eventually("snapshot pinned and both silent workers leased", || {
             let c = coord.clone();
+            let silent_accepted: u64 = workers[1..3]
+                .iter()
+                .map(|w| w.worker.as_ref().unwrap().leases_accepted())
+                .sum();
             async move {
                 let r = c.tasks().get(&id).unwrap()?;
-                let accepted = r
-                    .leases
-                    .iter()
-                    .filter(|l| l.status == LeaseStatus::Accepted)
-                    .count();
-                (accepted == 2).then_some(r.pinned).flatten()
+                let open = r.leases.iter().filter(|l| l.is_open()).count();
+                (open == 2 && silent_accepted == 2)
+                    .then_some(r.pinned)
+                    .flatten()
             }
         })
         .await;
@@ -970,12 +987,10 @@ async fn worker_redials_a_restarted_gateway_to_claim() {
         });
         eventually("the lease accepted", || {
             let c = coord.clone();
+            let n = worker.worker.as_ref().unwrap().leases_accepted();
             async move {
                 let r = c.tasks().get(&id).unwrap()?;
-                r.leases
-                    .iter()
-                    .any(|l| l.status == LeaseStatus::Accepted)
-                    .then_some(())
+                (n >= 1 && r.leases.iter().any(|l| l.is_open())).then_some(())
             }
         })
         .await;

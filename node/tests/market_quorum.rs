@@ -10,20 +10,36 @@ use d402_node::market::{
     tasks::{ClaimJudgement, Phase},
     worker::WorkerConfig,
 };
+use std::time::Duration;
+
 use d402_protocol::RailKind;
 use market_support::*;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn three_honest_workers_fanout_3_quorum_2_accepted_and_all_recorded() {
+    // Every claim answers its lease inline (the window is far longer than an echo run).
+    honest_quorum(Duration::from_secs(30), 1).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn claims_on_their_own_protocol_reach_the_same_quorum() {
+    // No inline window: every lease is acknowledged at once and claimed on /d402/claim/1.
+    honest_quorum(Duration::ZERO, 0).await;
+}
+
+/// Three honest workers with `window` as their inline-claim window; each must have sent
+/// `inline` of its one claim inline.
+async fn honest_quorum(window: Duration, inline: u64) {
     let dirs: Vec<_> = (0..4).map(|_| tempfile::tempdir().unwrap()).collect();
     let offer = echo_offer(10);
     let mut workers = Vec::new();
     for (i, d) in dirs[1..].iter().enumerate() {
-        let cfg = WorkerConfig::new(
+        let mut cfg = WorkerConfig::new(
             vec![offer.clone()],
             vec![RailKind::Local],
             wallets(&format!("worker{i}")),
         );
+        cfg.inline_claim_window = window;
         workers.push(start_worker(d.path(), cfg).await);
     }
     let gw = start_gateway(
@@ -68,7 +84,17 @@ async fn three_honest_workers_fanout_3_quorum_2_accepted_and_all_recorded() {
         .map(|l| l.lease.body.fencing_token)
         .collect();
     assert!(tokens.windows(2).all(|w| w[0] < w[1]), "{tokens:?}");
-    // Reputation is recorded right after the judgement, in its own transaction.
+    for w in &workers {
+        let worker = w.worker.clone().unwrap();
+        // The acknowledgement reaches the worker just after the gateway recorded the claim.
+        let sent = eventually("the claim acknowledged", || {
+            let worker = worker.clone();
+            async move { (worker.claims_sent() == 1).then_some(worker.claims_inline()) }
+        })
+        .await;
+        assert_eq!(sent, inline);
+    }
+    // Reputation commits with the judgement (the decision, or a late claim's arrival).
     for w in &workers {
         let key = d402_protocol::SigningKey::from_bytes(&w.seed)
             .verifying_key()

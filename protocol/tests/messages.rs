@@ -256,6 +256,7 @@ fn responses_round_trip() {
     }
     for a in [
         LeaseAck::Accepted,
+        LeaseAck::Claimed(Box::new(Signed::sign(claim(), &key(3)).unwrap())),
         LeaseAck::Refused {
             reason: "expired".into(),
         },
@@ -279,6 +280,17 @@ fn bid_response_with_forged_bid_is_refused() {
     let bytes = BidResponse::Bid(Box::new(bid)).to_bytes().unwrap();
     assert!(matches!(
         BidResponse::from_bytes(&bytes).unwrap_err(),
+        ProtocolError::BadSignature { .. }
+    ));
+}
+
+#[test]
+fn lease_ack_with_forged_inline_claim_is_refused() {
+    let mut claim = Signed::sign(claim(), &key(3)).unwrap();
+    claim.body.fuel_used += 1;
+    let bytes = LeaseAck::Claimed(Box::new(claim)).to_bytes().unwrap();
+    assert!(matches!(
+        LeaseAck::from_bytes(&bytes).unwrap_err(),
         ProtocolError::BadSignature { .. }
     ));
 }

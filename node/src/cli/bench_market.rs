@@ -2,12 +2,13 @@
 //!
 //! In this process: a gateway and three workers, each a real node (own key, swarm, event
 //! loop, redb file in a temporary directory) on loopback TCP, selling a trivial capability
-//! (an echo module: its output is its input). Each sample is one `Coordinator::run_task`
-//! from the task's creation to its acceptance: bid round, ranking, the primary's lease and
-//! claim, two pinned leases and their claims, the quorum decision, every step committed to
-//! redb before the next message. Compute is excluded by measuring, in the same run, the
-//! echo module's whole `Runner::run` alone and subtracting the two runs on the critical
-//! path (the primary's, then the two others' in parallel).
+//! (an echo module: its output is its input; it takes no snapshot, so nothing is pinned).
+//! Each sample is one `Coordinator::run_task` from the task's creation to its acceptance:
+//! bid round, ranking, three leases at once (committed with the ranked bids), the claims
+//! (inline in the leases' answers), the quorum decision (committed with the claim that
+//! completes it), every step committed to redb before the next message. Compute is excluded
+//! by measuring, in the same run, the echo module's whole `Runner::run` alone and
+//! subtracting one run: the three run in parallel, one on the critical path.
 //!
 //! The floor, measured in the same run over the same connections: three bare
 //! request-response round trips in sequence (`/d402/blob/1`, answered from memory) whose
@@ -208,6 +209,7 @@ fn spec(offer: &OfferedCapability, n: usize) -> anyhow::Result<TaskSpec> {
         fanout: 3,
         quorum: 2,
         deadline: now_ms() + 60_000,
+        takes_snapshot: !offer.manifest.permissions.snapshotters.is_empty(),
     })
 }
 
@@ -265,10 +267,7 @@ pub async fn market(args: MarketArgs) -> anyhow::Result<()> {
         gstate.clone(),
         Reputation::new(gstate.clone(), Policy::default()),
         gblobs.clone(),
-        CoordinatorConfig {
-            lookup_timeout: Duration::from_millis(1),
-            ..CoordinatorConfig::default()
-        },
+        CoordinatorConfig::default(),
     );
     let gservice = service::serve(
         &gnet,
@@ -283,6 +282,11 @@ pub async fn market(args: MarketArgs) -> anyhow::Result<()> {
     .await?;
     for w in &workers {
         gnet.connect(w.addr.clone()).await?;
+    }
+    // The workers announce the capability as `d402 node` does, so the gateway's provider
+    // lookup finds them (once: it is reused for `PROVIDER_TTL`, as in production).
+    for w in &workers {
+        w.net.provide(offer.manifest_cid).await?;
     }
 
     // Compute alone: the echo module's whole run (compile cache hit, instantiate, call).
@@ -359,8 +363,8 @@ pub async fn market(args: MarketArgs) -> anyhow::Result<()> {
     let commit = Dist::of(&commits);
     let total = Dist::of(&totals);
     let fl = Dist::of(&floor);
-    // Two runs on the critical path: the primary's, then the other two in parallel.
-    let overhead: Vec<Duration> = totals.iter().map(|t| t.saturating_sub(c.p50 * 2)).collect();
+    // One run on the critical path: the three leased workers run in parallel.
+    let overhead: Vec<Duration> = totals.iter().map(|t| t.saturating_sub(c.p50)).collect();
     let o = Dist::of(&overhead);
     let ratio = |a: Duration, b: Duration| {
         if b.is_zero() {
@@ -400,7 +404,7 @@ pub async fn market(args: MarketArgs) -> anyhow::Result<()> {
         };
         row("task end to end", &total);
         row("compute (one echo run)", &c);
-        row("coordinator overhead (total - 2 runs)", &o);
+        row("coordinator overhead (total - 1 run)", &o);
         row("floor: 3 bare round trips", &fl);
         row("one durable redb commit", &commit);
         println!(

@@ -33,7 +33,7 @@ use d402_protocol::{TaskId, UnixMillis};
 use super::error::ApiError;
 use crate::state::{State, StateError, decode, encode};
 
-/// Key bytes → canonical CBOR of a record.
+/// Key bytes → CBOR of a record.
 pub const IDEMPOTENCY: TableDefinition<&[u8], &[u8]> = TableDefinition::new("idempotency");
 
 /// Longest key accepted (visible ASCII).

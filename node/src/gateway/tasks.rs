@@ -61,7 +61,7 @@ use crate::{
     state::{State as NodeState, StateError, decode, encode},
 };
 
-/// Paid tasks: task id (16 bytes) → canonical CBOR of [`PaidTask`], written in the same
+/// Paid tasks: task id (16 bytes) → CBOR of [`PaidTask`], written in the same
 /// transaction as the payment's lock.
 pub const PAID_TASKS: TableDefinition<&[u8], &[u8]> = TableDefinition::new("gateway_tasks");
 
@@ -366,6 +366,7 @@ async fn create_inner(
         fanout: admitted.fanout,
         quorum: admitted.quorum,
         deadline: now.saturating_add(app.config.task_timeout.as_millis() as u64),
+        takes_snapshot: !admitted.manifest.permissions.snapshotters.is_empty(),
     };
     let app2 = app.clone();
     let run = tokio::spawn(

@@ -154,6 +154,9 @@ struct Inner {
     blobs: BlobStore,
     cfg: CoordinatorConfig,
     wake: Mutex<HashMap<TaskId, Arc<Notify>>>,
+    /// Whether the reputation table is in the tasks' database, so that outcomes commit in
+    /// the same transaction as the judgement they follow from.
+    joint: bool,
     /// Providers found per manifest CID and when they were looked up: a DHT walk per task
     /// would dominate a paid task's latency, so one walk serves [`PROVIDER_TTL`].
     providers: Mutex<HashMap<Cid, (Instant, Vec<Provider>)>>,
@@ -164,6 +167,10 @@ type Provider = (PeerId, Vec<Multiaddr>);
 
 /// How long a provider lookup is reused for new tasks of the same manifest.
 pub const PROVIDER_TTL: Duration = Duration::from_secs(30);
+
+/// How long a lookup that found no provider is reused (the connected peers are asked for
+/// bids all the same).
+pub const PROVIDER_MISS_TTL: Duration = Duration::from_secs(2);
 
 /// The coordinator. Cheap to clone.
 #[derive(Clone)]
@@ -191,11 +198,14 @@ impl Coordinator {
         blobs: BlobStore,
         cfg: CoordinatorConfig,
     ) -> Coordinator {
+        let tasks = Tasks::new(state);
+        let joint = tasks.shares_database(reputation.state());
         Coordinator {
             inner: Arc::new(Inner {
                 key,
                 net,
-                tasks: Tasks::new(state),
+                tasks,
+                joint,
                 reputation,
                 blobs,
                 cfg,
@@ -296,14 +306,7 @@ impl Coordinator {
     /// peer that is not connected (e.g. after this gateway restarted) dials them instead of
     /// failing for want of an address.
     async fn addrs_of(&self, peer: PeerId) -> Vec<Multiaddr> {
-        self.inner
-            .net
-            .peers()
-            .await
-            .ok()
-            .and_then(|ps| ps.into_iter().find(|p| p.peer_id == peer))
-            .map(|p| p.addrs)
-            .unwrap_or_default()
+        self.inner.net.addrs_of(peer).await.unwrap_or_default()
     }
 
     /// Puts the task's pinned snapshot back in the blob store from the database when it is
@@ -329,17 +332,25 @@ impl Coordinator {
     }
 
     /// The providers of `manifest`: from the cache while it is younger than
-    /// [`PROVIDER_TTL`], else from a Kademlia lookup (an empty answer is not cached, so a
-    /// network that is still forming is asked again on the next task).
+    /// [`PROVIDER_TTL`], else from a Kademlia lookup (an empty answer is kept only
+    /// [`PROVIDER_MISS_TTL`], so a network that is still forming is soon asked again, while
+    /// a run of tasks does not walk the DHT for each).
     async fn providers(&self, manifest: Cid) -> Vec<Provider> {
-        let fresh = |at: &Instant| at.elapsed() < PROVIDER_TTL;
+        let fresh = |(at, found): &(Instant, Vec<Provider>)| {
+            at.elapsed()
+                < if found.is_empty() {
+                    PROVIDER_MISS_TTL
+                } else {
+                    PROVIDER_TTL
+                }
+        };
         if let Some((_, found)) = self
             .inner
             .providers
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .get(&manifest)
-            .filter(|(at, _)| fresh(at))
+            .filter(|entry| fresh(entry))
         {
             return found.clone();
         }
@@ -359,10 +370,8 @@ impl Coordinator {
             .providers
             .lock()
             .unwrap_or_else(|p| p.into_inner());
-        cache.retain(|_, (at, _)| fresh(at));
-        if !found.is_empty() {
-            cache.insert(manifest, (Instant::now(), found.clone()));
-        }
+        cache.retain(|_, entry| fresh(entry));
+        cache.insert(manifest, (Instant::now(), found.clone()));
         found
     }
 
@@ -422,10 +431,8 @@ impl Coordinator {
         for (peer, answer) in answers {
             match answer {
                 Ok(BidResponse::Bid(bid)) => {
-                    let signed = public_key_of(&peer)
-                        .ok()
-                        .filter(|k| bid.verify_from(k).is_ok())
-                        .is_some();
+                    // The codec verified the bid's signature; it must be the peer's.
+                    let signed = public_key_of(&peer).is_ok_and(|k| bid.signer == k);
                     let matches = bid.body.request_cid == request_cid
                         && bid.body.task_id == spec.task_id
                         && bid.body.manifest_cid == spec.manifest_cid
@@ -495,20 +502,25 @@ impl Coordinator {
             });
         }
         info!(bids = bids.len(), chosen = sel.chosen.len(), "bids ranked");
-        inner.tasks.update(&spec.task_id, |r| {
-            r.bids = bids;
-            r.passed = passed;
-            r.phase = if r.bids.is_empty() {
-                Phase::Failed {
-                    reason: "no usable bids".into(),
+        // The ranked bids and the first leases commit together, then the leases go out: the
+        // primary alone when its snapshot is to be pinned, else `fanout` at once.
+        let first = inner
+            .tasks
+            .update(&spec.task_id, |r| {
+                r.bids = bids;
+                r.passed = passed;
+                r.updated_at = now;
+                if r.bids.is_empty() {
+                    r.phase = Phase::Failed {
+                        reason: "no usable bids".into(),
+                    };
+                    return Ok::<_, CoordinatorError>(Vec::new());
                 }
-            } else {
-                Phase::Leasing
-            };
-            r.updated_at = now;
-            Ok::<_, CoordinatorError>(())
-        })?;
-        Ok(())
+                r.phase = Phase::Leasing;
+                self.issue_leases(r, leases_wanted(r), now_ms())
+            })?
+            .unwrap_or_default();
+        self.send_leases(&spec.task_id, &first).await
     }
 
     /// One pass of the leasing phase: expire, decide, pin, lease more, wait. Returns the
@@ -520,70 +532,72 @@ impl Coordinator {
         let notified = notify.notified();
         let now = now_ms();
 
-        // 1. Expire leases past their deadline (and the task past its own).
-        let expired = inner
-            .tasks
-            .update(&id, |r| {
-                let mut gone = Vec::new();
-                for l in r.leases.iter_mut() {
-                    if l.is_open() && l.lease.body.deadline <= now {
-                        l.status = LeaseStatus::Expired;
-                        gone.push(l.lease.body.worker);
+        // 1. Expire leases past their deadline (and the task past its own); nothing is
+        // written when nothing expired.
+        let due = now >= rec.spec.deadline
+            || rec
+                .leases
+                .iter()
+                .any(|l| l.is_open() && l.lease.body.deadline <= now);
+        let expired = if !due {
+            Vec::new()
+        } else {
+            inner
+                .tasks
+                .update(&id, |r| {
+                    let mut gone = Vec::new();
+                    for l in r.leases.iter_mut() {
+                        if l.is_open() && l.lease.body.deadline <= now {
+                            l.status = LeaseStatus::Expired;
+                            gone.push(l.lease.body.worker);
+                        }
                     }
-                }
-                if now >= r.spec.deadline {
-                    r.phase = Phase::Failed {
-                        reason: "deadline passed without a quorum".into(),
-                    };
-                }
-                Ok::<_, CoordinatorError>(gone)
-            })?
-            .unwrap_or_default();
+                    if now >= r.spec.deadline {
+                        r.phase = Phase::Failed {
+                            reason: "deadline passed without a quorum".into(),
+                        };
+                    }
+                    Ok::<_, CoordinatorError>(gone)
+                })?
+                .unwrap_or_default()
+        };
         for w in expired {
             info!(worker = %hex::encode(w.0), "lease timed out; reassigning");
             inner.reputation.record(&w.0, Outcome::TimedOut, now)?;
         }
 
         // 2. Pin the primary's snapshot once its claim is in.
-        let rec = inner
-            .tasks
-            .get(&id)?
-            .ok_or(CoordinatorError::NotFound(id))?;
+        let fresh;
+        let rec = if due {
+            fresh = inner
+                .tasks
+                .get(&id)?
+                .ok_or(CoordinatorError::NotFound(id))?;
+            &fresh
+        } else {
+            rec
+        };
         if rec.phase.is_terminal() {
-            return Ok(Some(rec));
+            return Ok(Some(rec.clone()));
         }
-        if !rec.primary_done
+        let primary_pending = rec.spec.takes_snapshot && !rec.primary_done;
+        if primary_pending
             && let Some(first) = rec
                 .claims
                 .iter()
                 .find(|c| c.judgement == ClaimJudgement::Pending)
         {
-            self.pin_primary(&rec, &first.claim).await?;
+            self.pin_primary(rec, &first.claim).await?;
             return Ok(None);
         }
 
-        // 3. Decide.
-        let votes: Vec<Vote<[u8; 32]>> = rec
-            .claims
-            .iter()
-            .filter(|c| c.judgement != ClaimJudgement::Unusable)
-            .map(|c| Vote {
-                worker: c.claim.signer.0,
-                output_cid: c.claim.body.output_cid,
-                snapshot_cid: c.claim.body.snapshot_cid,
-            })
-            .collect();
+        // 3. Decide (usually done already when the claim completing the quorum came in,
+        // see `record_claim`; here for validators and resumed tasks).
         let open = rec.leases.iter().filter(|l| l.is_open()).count();
-        if let Decision::Accepted {
-            output_cid,
-            agreeing,
-            dissenting,
-            ..
-        } = quorum::decide(&votes, rec.spec.quorum as usize, open)
-        {
+        if let Some(output_cid) = quorum_reached(rec) {
             // 3b. The validators' verdicts, when the task requires some.
             if rec.validators > 0 {
-                match self.validate(&rec, output_cid).await? {
+                match self.validate(rec, output_cid).await? {
                     Validation::Agreed => {}
                     Validation::Blocked(reason) => {
                         warn!(%reason, "acceptance blocked by a validator");
@@ -605,53 +619,23 @@ impl Coordinator {
                     }
                 }
             }
-            // Judge every claim recorded by now, including any that arrived after `votes`
-            // was read, and credit exactly the claims judged here (each claim once).
+            // Judge every claim recorded by now, including any that arrived after the
+            // record was read (each claim credited once).
             let (done, judged) = inner
                 .tasks
-                .update(&id, |r| {
-                    let mut judged = Vec::new();
-                    for c in r.claims.iter_mut() {
-                        let judgement = if c.claim.body.output_cid == output_cid {
-                            ClaimJudgement::Accepted
-                        } else {
-                            ClaimJudgement::Rejected
-                        };
-                        if c.judgement == ClaimJudgement::Pending {
-                            judged.push((c.claim.signer.0, judgement));
-                        }
-                        c.judgement = judgement;
-                    }
-                    r.accepted_output = Some(output_cid);
-                    r.phase = Phase::Accepted;
-                    r.updated_at = now;
+                .update_with(&id, |txn, r| {
+                    let judged = self.accept_in(txn, r, output_cid, now)?;
                     Ok::<_, CoordinatorError>((r.clone(), judged))
                 })?
                 .ok_or(CoordinatorError::NotFound(id))?;
-            for (w, judgement) in &judged {
-                if *judgement == ClaimJudgement::Accepted {
-                    inner.reputation.record(w, Outcome::Accepted, now)?;
-                } else {
-                    info!(worker = %hex::encode(w), "claim rejected: disagrees with the quorum");
-                    inner.reputation.record(w, Outcome::Rejected, now)?;
-                }
-            }
-            let (agreeing, dissenting) = (agreeing.len(), dissenting.len());
-            info!(output = %output_cid, agreeing, dissenting, "task accepted");
+            self.after_acceptance(&done, &judged, now)?;
             return Ok(Some(done));
         }
 
-        // 4. Lease more: the primary alone first, then up to `fanout` live leases + claims.
-        let usable_claims = votes.len();
-        let want = if !rec.primary_done {
-            usize::from(open == 0)
-        } else {
-            (rec.spec.fanout as usize)
-                .max(rec.spec.quorum as usize)
-                .saturating_sub(open + usable_claims)
-        };
+        // 4. Lease more.
+        let want = leases_wanted(rec);
         if want > 0 {
-            let sent = self.lease_next(&rec, want).await?;
+            let sent = self.lease_next(rec, want).await?;
             // Bids that expired unused (the primary took longer than their validity, or
             // this gateway was down) are asked for again rather than given up on; the
             // task's deadline bounds the rounds.
@@ -759,71 +743,92 @@ impl Coordinator {
         Ok(())
     }
 
-    /// Leases up to `want` unused bids (persisting each lease before sending); returns how
-    /// many were sent.
-    async fn lease_next(&self, rec: &TaskRecord, want: usize) -> Result<usize, CoordinatorError> {
-        let inner = &self.inner;
-        let id = rec.spec.task_id;
-        let now = now_ms();
+    /// Signs leases for up to `want` unused, unexpired bids of workers not already leased
+    /// for the task, and records them in `r` (the caller commits `r` before sending them).
+    fn issue_leases(
+        &self,
+        r: &mut TaskRecord,
+        want: usize,
+        now: u64,
+    ) -> Result<Vec<LeaseRec>, CoordinatorError> {
         let lease_deadline = now
-            .saturating_add(inner.cfg.lease_timeout.as_millis() as u64)
-            .min(rec.spec.deadline);
-        let busy: HashSet<[u8; 32]> = rec
+            .saturating_add(self.inner.cfg.lease_timeout.as_millis() as u64)
+            .min(r.spec.deadline);
+        let busy: HashSet<[u8; 32]> = r
             .leases
             .iter()
             .filter(|l| l.is_open() || l.status == LeaseStatus::Claimed)
             .map(|l| l.lease.body.worker.0)
             .collect();
-        let key = inner.key.clone();
-        let to_send = inner
+        let mut out = Vec::new();
+        let pinned = r.pinned;
+        for i in 0..r.bids.len() {
+            if out.len() >= want {
+                break;
+            }
+            let b = &r.bids[i];
+            if b.used || busy.contains(&b.bid.signer.0) || b.bid.body.expires_at <= now {
+                continue;
+            }
+            let lease = Signed::sign(
+                Lease {
+                    v: MESSAGE_VERSION,
+                    task_id: r.spec.task_id,
+                    worker: b.bid.signer,
+                    bid_cid: b.bid_cid,
+                    manifest_cid: r.spec.manifest_cid,
+                    input: r.spec.input.clone(),
+                    snapshot_cid: pinned,
+                    price: b.bid.body.price.clone(),
+                    deadline: lease_deadline,
+                    fencing_token: r.next_token,
+                },
+                &self.inner.key,
+            )?;
+            r.next_token += 1;
+            let rec = LeaseRec {
+                peer: b.peer.clone(),
+                lease_cid: lease.cid()?,
+                lease,
+                status: LeaseStatus::Sent,
+            };
+            r.bids[i].used = true;
+            out.push(rec.clone());
+            r.leases.push(rec);
+        }
+        r.updated_at = now;
+        Ok(out)
+    }
+
+    /// Leases up to `want` unused bids (persisting each lease before sending); returns how
+    /// many were sent.
+    async fn lease_next(&self, rec: &TaskRecord, want: usize) -> Result<usize, CoordinatorError> {
+        let id = rec.spec.task_id;
+        let now = now_ms();
+        let to_send = self
+            .inner
             .tasks
-            .update(&id, |r| {
-                let mut out = Vec::new();
-                let pinned = r.pinned;
-                for i in 0..r.bids.len() {
-                    if out.len() >= want {
-                        break;
-                    }
-                    let b = &r.bids[i];
-                    if b.used || busy.contains(&b.bid.signer.0) || b.bid.body.expires_at <= now {
-                        continue;
-                    }
-                    let lease = Signed::sign(
-                        Lease {
-                            v: MESSAGE_VERSION,
-                            task_id: r.spec.task_id,
-                            worker: b.bid.signer,
-                            bid_cid: b.bid_cid,
-                            manifest_cid: r.spec.manifest_cid,
-                            input: r.spec.input.clone(),
-                            snapshot_cid: pinned,
-                            price: b.bid.body.price.clone(),
-                            deadline: lease_deadline,
-                            fencing_token: r.next_token,
-                        },
-                        &key,
-                    )?;
-                    r.next_token += 1;
-                    let rec = LeaseRec {
-                        peer: b.peer.clone(),
-                        lease_cid: lease.cid()?,
-                        lease,
-                        status: LeaseStatus::Sent,
-                    };
-                    r.bids[i].used = true;
-                    out.push(rec.clone());
-                    r.leases.push(rec);
-                }
-                r.updated_at = now;
-                Ok::<_, CoordinatorError>(out)
-            })?
+            .update(&id, |r| self.issue_leases(r, want, now))?
             .unwrap_or_default();
+        self.send_leases(&id, &to_send).await?;
+        Ok(to_send.len())
+    }
+
+    /// Sends leases already committed, in parallel, records each inline claim as it comes
+    /// (exactly as one received on `/d402/claim/1`), and records the refusals.
+    async fn send_leases(&self, id: &TaskId, to_send: &[LeaseRec]) -> Result<(), CoordinatorError> {
+        let inner = &self.inner;
         let results = join_all(to_send.iter().map(|l| async move {
             let peer = peer_from(&l.peer);
             let ack = match peer {
                 Some(p) => {
                     let addrs = self.addrs_of(p).await;
-                    inner.net.request_lease(p, addrs, l.lease.clone()).await
+                    let ack = inner.net.request_lease(p, addrs, l.lease.clone()).await;
+                    if let Ok(LeaseAck::Claimed(claim)) = &ack {
+                        // Logs a refusal itself.
+                        let _ = self.on_claim(p, (**claim).clone());
+                    }
+                    ack
                 }
                 None => Err(crate::net::RrError::Dial("bad peer id".into())),
             };
@@ -835,7 +840,7 @@ impl Coordinator {
             .into_iter()
             .map(|(cid, ack)| {
                 let s = match ack {
-                    Ok(LeaseAck::Accepted) => {
+                    Ok(LeaseAck::Accepted | LeaseAck::Claimed(_)) => {
                         accepted += 1;
                         LeaseStatus::Accepted
                     }
@@ -851,18 +856,22 @@ impl Coordinator {
                 (cid, s)
             })
             .collect();
-        inner.tasks.update(&id, |r| {
-            for (cid, s) in &statuses {
-                if let Some(l) = r.leases.iter_mut().find(|l| l.lease_cid == *cid)
-                    && l.status == LeaseStatus::Sent
-                {
-                    l.status = *s;
+        // `Sent` and `Accepted` are both open: only refusals need writing (the next pass
+        // replaces those leases), so an all-accepted round costs no commit.
+        if statuses.iter().any(|(_, s)| *s != LeaseStatus::Accepted) {
+            inner.tasks.update(id, |r| {
+                for (cid, s) in &statuses {
+                    if let Some(l) = r.leases.iter_mut().find(|l| l.lease_cid == *cid)
+                        && l.status == LeaseStatus::Sent
+                    {
+                        l.status = *s;
+                    }
                 }
-            }
-            Ok::<_, CoordinatorError>(())
-        })?;
+                Ok::<_, CoordinatorError>(())
+            })?;
+        }
         debug!(sent = to_send.len(), accepted, "leases sent");
-        Ok(to_send.len())
+        Ok(())
     }
 
     /// Validators to ask: `validator_peers` first, then those announced under the
@@ -1009,6 +1018,73 @@ impl Coordinator {
         Ok(judged(&r).unwrap_or(Validation::Pending))
     }
 
+    /// Accepts `output_cid` in `r` inside `txn`: every claim is judged against it, the task
+    /// is `Accepted`, and the outcomes of the claims judged now (each claim is credited
+    /// once) are recorded in the same transaction when the tables share a database.
+    /// Returns those claims' workers and judgements.
+    fn accept_in(
+        &self,
+        txn: &redb::WriteTransaction,
+        r: &mut TaskRecord,
+        output_cid: Cid,
+        now: u64,
+    ) -> Result<Vec<([u8; 32], ClaimJudgement)>, CoordinatorError> {
+        let mut judged = Vec::new();
+        for c in r.claims.iter_mut() {
+            let judgement = if c.claim.body.output_cid == output_cid {
+                ClaimJudgement::Accepted
+            } else {
+                ClaimJudgement::Rejected
+            };
+            if c.judgement == ClaimJudgement::Pending {
+                judged.push((c.claim.signer.0, judgement));
+            }
+            c.judgement = judgement;
+        }
+        r.accepted_output = Some(output_cid);
+        r.phase = Phase::Accepted;
+        r.updated_at = now;
+        if self.inner.joint {
+            for (w, judgement) in &judged {
+                self.inner
+                    .reputation
+                    .record_in(txn, w, outcome_of(*judgement), now)?;
+            }
+        }
+        Ok(judged)
+    }
+
+    /// After [`Coordinator::accept_in`] committed: logs, and records the outcomes when the
+    /// reputation table is in another database.
+    fn after_acceptance(
+        &self,
+        done: &TaskRecord,
+        judged: &[([u8; 32], ClaimJudgement)],
+        now: u64,
+    ) -> Result<(), CoordinatorError> {
+        for (w, judgement) in judged {
+            if *judgement == ClaimJudgement::Rejected {
+                info!(worker = %hex::encode(w), "claim rejected: disagrees with the quorum");
+            }
+            if !self.inner.joint {
+                self.inner
+                    .reputation
+                    .record(w, outcome_of(*judgement), now)?;
+            }
+        }
+        let agreeing = done
+            .claims
+            .iter()
+            .filter(|c| c.judgement == ClaimJudgement::Accepted)
+            .count();
+        let output = done
+            .accepted_output
+            .map(|c| c.to_string())
+            .unwrap_or_default();
+        info!(task = %done.spec.task_id, %output, agreeing, dissenting = done.claims.len() - agreeing, "task accepted");
+        Ok(())
+    }
+
     /// Handles a claim from `peer`: checks it against the lease it names and records it
     /// (committed before the acknowledgement).
     pub fn on_claim(&self, peer: PeerId, claim: Signed<Claim>) -> ClaimAck {
@@ -1028,13 +1104,15 @@ impl Coordinator {
         let inner = &self.inner;
         let c = &claim.body;
         let now = now_ms();
+        // The codec verified the claim's signature when it decoded it (on `/d402/claim/1` or
+        // inline in a lease's answer); it must be the sending peer's.
         let from = public_key_of(&peer).map_err(|_| ClaimRefusal::BadSignature)?;
-        claim
-            .verify_from(&from)
-            .map_err(|_| ClaimRefusal::BadSignature)?;
+        if claim.signer != from {
+            return Err(ClaimRefusal::BadSignature);
+        }
         let late_judgement = inner
             .tasks
-            .update(&c.task_id, |r| {
+            .update_with(&c.task_id, |txn, r| {
                 let accepted = r.accepted_output;
                 let phase = r.phase.clone();
                 let lease = r
@@ -1077,24 +1155,94 @@ impl Coordinator {
                     judgement,
                 });
                 r.updated_at = now;
-                Ok(judgement)
+                // A claim judged on arrival (the task was decided already): its outcome
+                // commits with it when the tables share a database.
+                if inner.joint && judgement != ClaimJudgement::Pending {
+                    inner
+                        .reputation
+                        .record_in(txn, &claim.signer.0, outcome_of(judgement), now)?;
+                }
+                // The claim that completes the quorum decides the task in the same commit,
+                // unless a step stands between (the primary's snapshot to pin and check,
+                // validators to ask): those are the driver's.
+                let mut decided = None;
+                let pin_pending = r.spec.takes_snapshot && !r.primary_done;
+                if judgement == ClaimJudgement::Pending
+                    && r.phase == Phase::Leasing
+                    && r.validators == 0
+                    && !pin_pending
+                    && let Some(output_cid) = quorum_reached(r)
+                {
+                    let judged = self.accept_in(txn, r, output_cid, now).map_err(|e| {
+                        warn!(task = %c.task_id, error = %e, "cannot decide the task");
+                        ClaimRefusal::Internal
+                    })?;
+                    decided = Some((r.clone(), judged));
+                }
+                Ok((judgement, decided))
             })?
             .ok_or(ClaimRefusal::UnknownTask)?;
-        match late_judgement {
-            ClaimJudgement::Accepted => {
-                inner
-                    .reputation
-                    .record(&claim.signer.0, Outcome::Accepted, now)?;
-            }
-            ClaimJudgement::Rejected => {
-                info!(%peer, "late claim rejected: disagrees with the accepted result");
-                inner
-                    .reputation
-                    .record(&claim.signer.0, Outcome::Rejected, now)?;
-            }
-            _ => {}
+        let (late_judgement, decided) = late_judgement;
+        if let Some((done, judged)) = decided
+            && let Err(e) = self.after_acceptance(&done, &judged, now)
+        {
+            warn!(task = %c.task_id, error = %e, "cannot record the outcomes");
+        }
+        if late_judgement == ClaimJudgement::Rejected {
+            info!(%peer, "late claim rejected: disagrees with the accepted result");
+        }
+        if !inner.joint && late_judgement != ClaimJudgement::Pending {
+            inner
+                .reputation
+                .record(&claim.signer.0, outcome_of(late_judgement), now)?;
         }
         Ok(())
+    }
+}
+
+/// The output CID a quorum of `r`'s usable claims agrees on, if any.
+fn quorum_reached(r: &TaskRecord) -> Option<Cid> {
+    let votes: Vec<Vote<[u8; 32]>> = r
+        .claims
+        .iter()
+        .filter(|c| c.judgement != ClaimJudgement::Unusable)
+        .map(|c| Vote {
+            worker: c.claim.signer.0,
+            output_cid: c.claim.body.output_cid,
+            snapshot_cid: c.claim.body.snapshot_cid,
+        })
+        .collect();
+    let open = r.leases.iter().filter(|l| l.is_open()).count();
+    match quorum::decide(&votes, r.spec.quorum as usize, open) {
+        Decision::Accepted { output_cid, .. } => Some(output_cid),
+        _ => None,
+    }
+}
+
+/// How many more leases a task in [`Phase::Leasing`] wants out: the primary alone first
+/// when its snapshot is to be pinned, then up to `max(fanout, quorum)` open leases and
+/// usable claims together.
+fn leases_wanted(r: &TaskRecord) -> usize {
+    let open = r.leases.iter().filter(|l| l.is_open()).count();
+    if r.spec.takes_snapshot && !r.primary_done {
+        return usize::from(open == 0);
+    }
+    let claims = r
+        .claims
+        .iter()
+        .filter(|c| c.judgement != ClaimJudgement::Unusable)
+        .count();
+    (r.spec.fanout as usize)
+        .max(r.spec.quorum as usize)
+        .saturating_sub(open + claims)
+}
+
+/// The reputation outcome of a claim's judgement (accepted or rejected).
+fn outcome_of(judgement: ClaimJudgement) -> Outcome {
+    if judgement == ClaimJudgement::Accepted {
+        Outcome::Accepted
+    } else {
+        Outcome::Rejected
     }
 }
 

@@ -524,6 +524,7 @@ mod tests {
             fanout: 3,
             quorum: 2,
             deadline: now_ms() + 1000,
+            takes_snapshot: true,
         }
     }
 

@@ -14,12 +14,12 @@
 //! [`Policy::ban_after`] claims in a row were rejected is banned for [`Policy::ban_for_ms`],
 //! doubled for each further ban. The table is persisted in the node's redb (`reputation`).
 
-use redb::{ReadableTable, TableDefinition};
+use redb::{ReadableTable, TableDefinition, WriteTransaction};
 use serde::{Deserialize, Serialize};
 
 use crate::state::{State, StateError, decode, encode};
 
-/// Reputation rows: worker public key (32 bytes) → canonical CBOR of [`Record`].
+/// Reputation rows: worker public key (32 bytes) → CBOR of [`Record`].
 pub const REPUTATION: TableDefinition<&[u8], &[u8]> = TableDefinition::new("reputation");
 
 /// Largest encoded [`Record`].
@@ -198,18 +198,34 @@ impl Reputation {
         outcome: Outcome,
         now: u64,
     ) -> Result<Record, StateError> {
-        let policy = self.policy;
-        self.state.write(|txn| {
-            let mut table = txn.open_table(REPUTATION)?;
-            let mut rec: Record = match table.get(&worker[..])? {
-                Some(v) => decode("reputation", v.value(), MAX_RECORD)?,
-                None => Record::default(),
-            };
-            rec.apply(outcome, now, &policy);
-            let bytes = encode("reputation", &rec)?;
-            table.insert(&worker[..], bytes.as_slice())?;
-            Ok(rec)
-        })
+        self.state
+            .write(|txn| self.record_in(txn, worker, outcome, now))
+    }
+
+    /// The database the table lives in.
+    pub fn state(&self) -> &State {
+        &self.state
+    }
+
+    /// Records an outcome inside `txn`, a write transaction of [`Reputation::state`]'s
+    /// database: it commits with whatever else `txn` writes (a task's decision and the
+    /// workers' outcomes in one commit).
+    pub fn record_in(
+        &self,
+        txn: &WriteTransaction,
+        worker: &[u8; 32],
+        outcome: Outcome,
+        now: u64,
+    ) -> Result<Record, StateError> {
+        let mut table = txn.open_table(REPUTATION)?;
+        let mut rec: Record = match table.get(&worker[..])? {
+            Some(v) => decode("reputation", v.value(), MAX_RECORD)?,
+            None => Record::default(),
+        };
+        rec.apply(outcome, now, &self.policy);
+        let bytes = encode("reputation", &rec)?;
+        table.insert(&worker[..], bytes.as_slice())?;
+        Ok(rec)
     }
 
     /// Every record, for `ops-monitor` and the admin endpoint.

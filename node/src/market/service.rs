@@ -57,13 +57,16 @@ async fn run(mut rx: mpsc::Receiver<Inbound>, s: Services) {
                 request,
                 reply,
             } => {
-                let r = match &s.worker {
-                    Some(w) => w.on_lease(peer, request),
-                    None => LeaseAck::Refused {
-                        reason: "not_a_worker".into(),
-                    },
-                };
-                let _ = reply.send(r);
+                match &s.worker {
+                    // Answers at once (refusal) or from the run's task (its claim, or
+                    // `Accepted` when the inline window closes first).
+                    Some(w) => w.on_lease(peer, request, reply),
+                    None => {
+                        let _ = reply.send(LeaseAck::Refused {
+                            reason: "not_a_worker".into(),
+                        });
+                    }
+                }
             }
             Inbound::Claim {
                 peer,

@@ -6,18 +6,18 @@ use d402_protocol::{
     Amount, CapabilityRef, Cid, RailKind, Signed, TaskId, UnixMillis,
     messages::{Bid, Claim, Lease, SnapshotMeta, Verdict},
 };
-use redb::{ReadableTable, TableDefinition};
+use redb::{ReadableTable, TableDefinition, WriteTransaction};
 use serde::{Deserialize, Serialize};
 
 use crate::state::{State, StateError, decode, encode};
 
-/// Task rows: task id (16 bytes) → canonical CBOR of [`TaskRecord`].
+/// Task rows: task id (16 bytes) → CBOR of [`TaskRecord`].
 pub const TASKS: TableDefinition<&[u8], &[u8]> = TableDefinition::new("tasks");
 
 /// Largest encoded task record (a few claims of up to 4 MiB each).
 pub const MAX_TASK_RECORD: usize = 64 * 1024 * 1024;
 
-/// Snapshots pinned for open tasks: task id (16 bytes) ‖ CID bytes → canonical CBOR of
+/// Snapshots pinned for open tasks: task id (16 bytes) ‖ CID bytes → CBOR of
 /// [`PinnedSnapshot`] (two tasks on the same static page pin the same CID). The
 /// gateway serves a pinned snapshot to the workers it leases and to validators; keeping it
 /// here (not only in the in-memory blob store) lets a restarted gateway serve it again.
@@ -65,6 +65,16 @@ pub struct TaskSpec {
     pub quorum: u32,
     /// When the result is due.
     pub deadline: UnixMillis,
+    /// Whether the capability takes a snapshot (its manifest names snapshotters). When it
+    /// does, the primary is leased alone and its snapshot pinned for the others; when it
+    /// does not, there is nothing to pin and `fanout` workers are leased at once. Records
+    /// written before this field existed read as `true` (the cautious path).
+    #[serde(default = "takes_snapshot_default")]
+    pub takes_snapshot: bool,
+}
+
+fn takes_snapshot_default() -> bool {
+    true
 }
 
 /// Where a task is.
@@ -120,9 +130,11 @@ pub struct PassedBid {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum LeaseStatus {
-    /// Written, being sent.
+    /// Written and sent; the worker may have accepted it already (an acknowledgement is not
+    /// committed on its own when every lease of the round was accepted: the claim that
+    /// follows moves it to `Claimed`).
     Sent,
-    /// The worker accepted it.
+    /// The worker accepted it (recorded when another lease of the same round was refused).
     Accepted,
     /// The worker refused it or could not be reached.
     Refused,
@@ -295,6 +307,22 @@ impl Tasks {
         id: &TaskId,
         f: impl FnOnce(&mut TaskRecord) -> Result<R, E>,
     ) -> Result<Option<R>, E> {
+        self.update_with(id, |_, rec| f(rec))
+    }
+
+    /// Whether `other` is the same database as this table's (so that a write to it can join
+    /// this table's transactions, see [`Tasks::update_with`]).
+    pub fn shares_database(&self, other: &State) -> bool {
+        std::sync::Arc::ptr_eq(self.state.database(), other.database())
+    }
+
+    /// [`Tasks::update`], with the transaction also handed to `f` so that rows of other
+    /// tables in the same database commit together with the task.
+    pub fn update_with<R, E: From<StateError>>(
+        &self,
+        id: &TaskId,
+        f: impl FnOnce(&WriteTransaction, &mut TaskRecord) -> Result<R, E>,
+    ) -> Result<Option<R>, E> {
         let mut out = None;
         let mut inner_err = None;
         self.state
@@ -304,7 +332,7 @@ impl Tasks {
                     Some(v) => decode("tasks", v.value(), MAX_TASK_RECORD)?,
                     None => return Ok(()),
                 };
-                match f(&mut rec) {
+                match f(txn, &mut rec) {
                     Ok(r) => {
                         let bytes = encode("tasks", &rec)?;
                         t.insert(&id.0[..], bytes.as_slice())?;

@@ -406,14 +406,7 @@ impl Validator {
 
     /// Addresses of `peer` from its verified peer record, if the node has one.
     async fn addrs_of(&self, peer: &PeerId) -> Vec<Multiaddr> {
-        match self.inner.net.peers().await {
-            Ok(peers) => peers
-                .into_iter()
-                .find(|p| &p.peer_id == peer)
-                .map(|p| p.addrs)
-                .unwrap_or_default(),
-            Err(_) => Vec::new(),
-        }
+        self.inner.net.addrs_of(*peer).await.unwrap_or_default()
     }
 
     async fn manifest(&self, sources: &[PeerId], cid: Cid) -> Result<Manifest, String> {

@@ -11,8 +11,13 @@
 //! - The run: when the lease pins a snapshot, it is fetched by CID over `/d402/blob/1` from
 //!   the lease's signer (the gateway pins the primary's snapshot and serves it, see
 //!   docs/DECISIONS.md "Market") and the Wasm runs on it; otherwise the runtime takes its
-//!   own snapshot, which this worker then serves. The signed claim goes to the gateway on
-//!   `/d402/claim/1`, retried until the lease's deadline; past it the lease is abandoned.
+//!   own snapshot, which this worker then serves. A run that ends within
+//!   [`WorkerConfig::inline_claim_window`] answers the lease itself with the signed claim
+//!   ([`LeaseAck::Claimed`], one round trip for lease and claim); a longer run answers
+//!   `Accepted` when the window closes and sends the claim on `/d402/claim/1` when done,
+//!   retried until the lease's deadline; past it the lease is abandoned. A run that fails
+//!   within the window refuses the lease (`run_failed: …`) so that the gateway reassigns it
+//!   at once.
 
 use std::{
     collections::{BTreeMap, HashMap},
@@ -33,11 +38,11 @@ use d402_protocol::{
 };
 use d402_runtime::{GivenSnapshot, Runner};
 use libp2p::PeerId;
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, oneshot};
 use tracing::{Instrument, debug, info, info_span, warn};
 
 use super::{blobs, blobs::BlobStore, now_ms};
-use crate::net::{NetHandle, peer_id_of, public_key_of};
+use crate::net::{NetHandle, public_key_of};
 
 /// A capability this worker sells.
 #[derive(Debug, Clone)]
@@ -80,6 +85,10 @@ pub struct WorkerConfig {
     pub bid_ttl: Duration,
     /// The least time before a request's deadline for a bid to be worth making.
     pub min_lead: Duration,
+    /// How long the answer to a lease waits for the run: a run done by then answers with
+    /// its claim ([`LeaseAck::Claimed`]); otherwise the answer is `Accepted` and the claim
+    /// follows on `/d402/claim/1`. Zero always answers `Accepted` at once.
+    pub inline_claim_window: Duration,
     /// Faults to commit (tests only).
     #[cfg(feature = "test-faults")]
     pub faults: Faults,
@@ -95,6 +104,7 @@ impl WorkerConfig {
             max_concurrent: 4,
             bid_ttl: Duration::from_secs(30),
             min_lead: Duration::from_millis(500),
+            inline_claim_window: Duration::from_millis(100),
             #[cfg(feature = "test-faults")]
             faults: Faults::default(),
         }
@@ -119,6 +129,7 @@ struct Inner {
     blobs: BlobStore,
     leases_accepted: AtomicU64,
     claims_sent: AtomicU64,
+    claims_inline: AtomicU64,
 }
 
 /// A worker. Cheap to clone.
@@ -184,6 +195,7 @@ impl Worker {
                 blobs,
                 leases_accepted: AtomicU64::new(0),
                 claims_sent: AtomicU64::new(0),
+                claims_inline: AtomicU64::new(0),
             }),
         }
     }
@@ -207,6 +219,11 @@ impl Worker {
         self.inner.claims_sent.load(Ordering::SeqCst)
     }
 
+    /// Of [`Worker::claims_sent`], those that answered their lease inline.
+    pub fn claims_inline(&self) -> u64 {
+        self.inner.claims_inline.load(Ordering::SeqCst)
+    }
+
     fn decline(&self, peer: &PeerId, req: &BidRequest, d: DeclineReason) -> BidResponse {
         let name = decline_name(&d);
         info!(%peer, task = %req.task_id, manifest = %req.manifest_cid, reason = name, detail = ?d, "bid request declined");
@@ -224,8 +241,10 @@ impl Worker {
     pub fn on_bid_request(&self, peer: PeerId, req: Signed<BidRequest>) -> BidResponse {
         let inner = &self.inner;
         let r = &req.body;
+        // The codec verified the request's signature when it decoded it; it must be the
+        // sending peer's.
         match public_key_of(&peer) {
-            Ok(k) if req.verify_from(&k).is_ok() => {}
+            Ok(k) if req.signer == k => {}
             _ => {
                 return self.decline(
                     &peer,
@@ -328,20 +347,52 @@ impl Worker {
         BidResponse::Bid(Box::new(signed))
     }
 
-    /// Answers a lease from `peer`; when accepted, the run starts in the background.
-    pub fn on_lease(&self, peer: PeerId, lease: Signed<Lease>) -> LeaseAck {
+    /// Answers a lease from `peer` on `reply`: a refusal at once; an accepted lease starts
+    /// its run, and the answer is its claim if the run ends within the inline window, else
+    /// `Accepted` when the window closes (see the module doc).
+    pub fn on_lease(&self, peer: PeerId, lease: Signed<Lease>, reply: oneshot::Sender<LeaseAck>) {
+        let span = info_span!(
+            "lease",
+            task = %lease.body.task_id,
+            %peer,
+            token = lease.body.fencing_token
+        );
+        let accepted = {
+            let _e = span.enter();
+            self.accept_lease(peer, &lease)
+        };
+        match accepted {
+            Err(refusal) => {
+                let _ = reply.send(refusal);
+            }
+            Ok((offer, permit)) => {
+                let me = self.clone();
+                tokio::spawn(
+                    async move { me.run_lease(lease, offer, peer, permit, reply).await }
+                        .instrument(span),
+                );
+            }
+        }
+    }
+
+    /// The checks of a lease; on success the offer and the execution slot it runs in.
+    fn accept_lease(
+        &self,
+        peer: PeerId,
+        lease: &Signed<Lease>,
+    ) -> Result<(OfferedCapability, OwnedSemaphorePermit), LeaseAck> {
         let inner = &self.inner;
         let l = &lease.body;
-        let span = info_span!("lease", task = %l.task_id, %peer, token = l.fencing_token);
-        let _e = span.enter();
         let Ok(gateway) = public_key_of(&peer) else {
-            return refuse("bad_signature: the peer has no ed25519 key");
+            return Err(refuse("bad_signature: the peer has no ed25519 key"));
         };
-        if lease.verify_from(&gateway).is_err() {
-            return refuse("bad_signature: not signed by the requesting peer");
+        // The codec verified the signature when it decoded the lease; it must be the
+        // sending peer's.
+        if lease.signer != gateway {
+            return Err(refuse("bad_signature: not signed by the requesting peer"));
         }
         if l.worker != inner.me {
-            return refuse("not_for_me: the lease names another worker");
+            return Err(refuse("not_for_me: the lease names another worker"));
         }
         let now = now_ms();
         let issued = {
@@ -349,22 +400,24 @@ impl Worker {
             bids.get(&l.bid_cid).cloned()
         };
         let Some(issued) = issued else {
-            return refuse("unknown_bid: no bid of this worker has that CID");
+            return Err(refuse("unknown_bid: no bid of this worker has that CID"));
         };
         if issued.gateway != gateway {
-            return refuse("unknown_bid: the bid was made to another gateway");
+            return Err(refuse("unknown_bid: the bid was made to another gateway"));
         }
         if issued.bid.expires_at <= now {
-            return refuse("bid_expired");
+            return Err(refuse("bid_expired"));
         }
         if issued.bid.task_id != l.task_id
             || issued.bid.manifest_cid != l.manifest_cid
             || issued.bid.price != l.price
         {
-            return refuse("bid_mismatch: task, manifest or price differ from the bid");
+            return Err(refuse(
+                "bid_mismatch: task, manifest or price differ from the bid",
+            ));
         }
         if l.deadline <= now {
-            return refuse("lease_expired");
+            return Err(refuse("lease_expired"));
         }
         let Some(offer) = inner
             .cfg
@@ -373,10 +426,10 @@ impl Worker {
             .find(|o| o.manifest_cid == l.manifest_cid)
             .cloned()
         else {
-            return refuse("not_offered");
+            return Err(refuse("not_offered"));
         };
         let Ok(permit) = inner.slots.clone().try_acquire_owned() else {
-            return refuse("no_capacity");
+            return Err(refuse("no_capacity"));
         };
         // One lease per bid.
         inner
@@ -386,11 +439,7 @@ impl Worker {
             .remove(&l.bid_cid);
         inner.leases_accepted.fetch_add(1, Ordering::SeqCst);
         info!("lease accepted");
-        let me = self.clone();
-        tokio::spawn(
-            async move { me.run_lease(lease, offer, peer, permit).await }.instrument(span.clone()),
-        );
-        LeaseAck::Accepted
+        Ok((offer, permit))
     }
 
     async fn run_lease(
@@ -399,22 +448,76 @@ impl Worker {
         offer: OfferedCapability,
         gateway: PeerId,
         _permit: OwnedSemaphorePermit,
+        reply: oneshot::Sender<LeaseAck>,
     ) {
         let deadline = lease.body.deadline;
         let left = Duration::from_millis(deadline.saturating_sub(now_ms()));
-        match tokio::time::timeout(left, self.run_and_claim(&lease, &offer, gateway)).await {
+        let run = tokio::time::timeout(left, self.run_to_claim(&lease, &offer, gateway));
+        tokio::pin!(run);
+        let window = self.inner.cfg.inline_claim_window;
+        let (ran, reply) = if window.is_zero() {
+            let _ = reply.send(LeaseAck::Accepted);
+            ((&mut run).await, None)
+        } else {
+            tokio::select! {
+            biased;
+            ran = &mut run => (ran, Some(reply)),
+            _ = tokio::time::sleep(window) => {
+                let _ = reply.send(LeaseAck::Accepted);
+                ((&mut run).await, None)
+            }
+            }
+        };
+        let claim = match ran {
+            Ok(Ok(claim)) => claim,
+            Ok(Err(e)) => {
+                warn!(error = %e, "lease failed; no claim");
+                if let Some(reply) = reply {
+                    let _ = reply.send(refuse(format!("run_failed: {e}")));
+                }
+                return;
+            }
+            Err(_) => {
+                warn!("lease deadline passed; abandoned");
+                return;
+            }
+        };
+        if let Some(reply) = reply {
+            match reply.send(LeaseAck::Claimed(Box::new(claim))) {
+                Ok(()) => {
+                    self.inner.claims_sent.fetch_add(1, Ordering::SeqCst);
+                    self.inner.claims_inline.fetch_add(1, Ordering::SeqCst);
+                    debug!("claim answered inline");
+                    return;
+                }
+                // The lease's stream is gone: the claim protocol still reaches the gateway.
+                Err(LeaseAck::Claimed(claim)) => {
+                    let left = Duration::from_millis(deadline.saturating_sub(now_ms()));
+                    self.send_claim_until(gateway, left, *claim).await;
+                }
+                Err(_) => {}
+            }
+            return;
+        }
+        let left = Duration::from_millis(deadline.saturating_sub(now_ms()));
+        self.send_claim_until(gateway, left, claim).await;
+    }
+
+    async fn send_claim_until(&self, gateway: PeerId, left: Duration, claim: Signed<Claim>) {
+        match tokio::time::timeout(left, self.send_claim(gateway, claim)).await {
             Ok(Ok(())) => {}
-            Ok(Err(e)) => warn!(error = %e, "lease failed; no claim"),
-            Err(_) => warn!("lease deadline passed; abandoned"),
+            Ok(Err(e)) => warn!(error = %e, "claim not accepted"),
+            Err(_) => warn!("lease deadline passed before the claim got through; abandoned"),
         }
     }
 
-    async fn run_and_claim(
+    /// Runs the lease (fetching its pinned snapshot first, if any) and signs the claim.
+    async fn run_to_claim(
         &self,
         lease: &Signed<Lease>,
         offer: &OfferedCapability,
         gateway: PeerId,
-    ) -> anyhow::Result<()> {
+    ) -> anyhow::Result<Signed<Claim>> {
         let inner = &self.inner;
         let l = &lease.body;
         let pinned = match l.snapshot_cid {
@@ -469,20 +572,18 @@ impl Worker {
             fuel_used: out.fuel_used,
             finished_at: now_ms(),
         };
-        let signed = Signed::sign(claim, &inner.key)?;
-        let gw = peer_id_of(&lease.signer)?;
+        Ok(Signed::sign(claim, &inner.key)?)
+    }
+
+    /// Sends a claim on `/d402/claim/1` to the gateway that signed its lease, redialling and
+    /// retrying with backoff until it is received or refused.
+    async fn send_claim(&self, gw: PeerId, signed: Signed<Claim>) -> anyhow::Result<()> {
+        let inner = &self.inner;
         let mut delay = Duration::from_millis(200);
         loop {
             // The gateway's addresses from its signed peer record, so that a gateway that
             // restarted (connection gone) is redialled rather than waited for.
-            let addrs = inner
-                .net
-                .peers()
-                .await
-                .ok()
-                .and_then(|ps| ps.into_iter().find(|p| p.peer_id == gw))
-                .map(|p| p.addrs)
-                .unwrap_or_default();
+            let addrs = inner.net.addrs_of(gw).await.unwrap_or_default();
             match inner.net.request_claim(gw, addrs, signed.clone()).await {
                 Ok(ClaimAck::Received) => {
                     inner.claims_sent.fetch_add(1, Ordering::SeqCst);

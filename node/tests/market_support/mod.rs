@@ -259,6 +259,7 @@ pub fn task(offer: &OfferedCapability, input: &[u8], fanout: u32, quorum: u32) -
         fanout,
         quorum,
         deadline: now_ms() + 60_000,
+        takes_snapshot: !offer.manifest.permissions.snapshotters.is_empty(),
     }
 }
 

@@ -1,9 +1,9 @@
 use serde::{Deserialize, Serialize};
 
 use crate::{
-    Cid, PublicKey, Signable,
+    Cid, PublicKey, Signable, Signed,
     error::{ProtocolError, Result},
-    messages::{MAX_INPUT, MAX_REASON, WireMessage},
+    messages::{Claim, MAX_INPUT, MAX_REASON, WireMessage},
     types::{Amount, TaskId, UnixMillis, check_len, check_version},
 };
 
@@ -56,11 +56,15 @@ impl Signable for Lease {
 }
 
 /// The worker's answer to a lease.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum LeaseAck {
     /// The worker will run it and send a claim on `/d402/claim/1`.
     Accepted,
+    /// The worker accepted the lease, ran it at once and answers with its claim: a run
+    /// that ends within the worker's inline window saves the claim's own round trip. The
+    /// gateway treats it exactly as a claim received on `/d402/claim/1`.
+    Claimed(Box<Signed<Claim>>),
     /// The worker refuses the lease.
     Refused {
         /// Why (does not match the bid, bad signature, expired, no capacity …).
@@ -70,12 +74,16 @@ pub enum LeaseAck {
 
 impl WireMessage for LeaseAck {
     const KIND: &'static str = "lease ack";
-    const MAX_SIZE: usize = MAX_REASON + 64;
+    const MAX_SIZE: usize = Signed::<Claim>::max_size() + 64;
 
+    /// Decodes an answer; an inline claim is validated and its signature verified as on
+    /// `/d402/claim/1`.
     fn from_bytes(bytes: &[u8]) -> Result<Self> {
         let ack: Self = crate::cbor::from_canonical(bytes, Self::MAX_SIZE, Self::KIND)?;
-        if let LeaseAck::Refused { reason } = &ack {
-            check_len("reason", reason, MAX_REASON)?;
+        match &ack {
+            LeaseAck::Refused { reason } => check_len("reason", reason, MAX_REASON)?,
+            LeaseAck::Claimed(claim) => claim.verify()?,
+            LeaseAck::Accepted => {}
         }
         Ok(ack)
     }

@@ -3,9 +3,9 @@
 //! | table | key | value |
 //! |---|---|---|
 //! | `settlement_local_balances` | account public key (32 bytes) | balance in smallest units |
-//! | `settlement_local_escrows` | task id (16 bytes) | canonical CBOR [`EscrowRecord`] |
+//! | `settlement_local_escrows` | task id (16 bytes) | CBOR [`EscrowRecord`] |
 //! | `settlement_local_nonces` | payment nonce (32 bytes) | the task id it paid for |
-//! | `settlement_local_journal` | entry number | canonical CBOR [`LedgerEntry`] |
+//! | `settlement_local_journal` | entry number | CBOR [`LedgerEntry`] |
 //! | `settlement_local_meta` | `schema`, `minted`, `next_entry` | counters |
 //!
 //! Invariant (checked by [`LedgerReader::audit`]): the sum of all balances plus the units of
@@ -140,16 +140,19 @@ impl EscrowRecord {
     }
 }
 
+/// A ledger row's CBOR (rows are this node's own: no canonicalisation, see
+/// [`cbor::to_local`]).
 pub(crate) fn encode<T: Serialize>(value: &T) -> Result<Vec<u8>, RailError> {
-    Ok(cbor::to_canonical(value)?)
+    Ok(cbor::to_local(value)?)
 }
 
-pub(crate) fn decode<T: Serialize + DeserializeOwned>(
+/// Decodes a ledger row of at most `max` bytes.
+pub(crate) fn decode<T: DeserializeOwned>(
     table: &'static str,
     bytes: &[u8],
     max: usize,
 ) -> Result<T, RailError> {
-    cbor::from_canonical(bytes, max, table).map_err(|e| RailError::Corrupt {
+    cbor::from_local(bytes, max, table).map_err(|e| RailError::Corrupt {
         table,
         reason: e.to_string(),
     })
