@@ -34,8 +34,13 @@ pub const PROTOCOL_VERSION: &str = "/d402/1.0.0";
 /// Largest Kademlia message accepted (libp2p's default); a larger one closes that stream.
 pub const MAX_KAD_PACKET: usize = 16 * 1024;
 
-/// Most concurrent streams per connection of the bid, lease and claim protocols.
-pub const MARKET_STREAMS: usize = 32;
+/// Most concurrent streams per connection of the bid, lease and claim protocols. A gateway
+/// with many tasks in flight holds one bid or lease stream per task on each worker's
+/// connection (a lease's stream stays open until its inline claim, see
+/// [`crate::market::worker`]); past this the worker drops the stream and the gateway loses
+/// that bid. Each stream's messages are capped by the codec, and the market service's
+/// bounded queue answers "busy" beyond its length.
+pub const MARKET_STREAMS: usize = 256;
 
 /// How the behaviour is set up.
 #[derive(Debug, Clone)]
