@@ -39,23 +39,7 @@ pub fn from_canonical<T: Serialize + DeserializeOwned>(
     max: usize,
     kind: &'static str,
 ) -> Result<T> {
-    if bytes.len() > max {
-        return Err(ProtocolError::TooLarge {
-            kind,
-            len: bytes.len(),
-            max,
-        });
-    }
-    let mut reader = bytes;
-    let value: T = ciborium::de::from_reader_with_recursion_limit(&mut reader, MAX_DEPTH).map_err(
-        |e| match e {
-            ciborium::de::Error::RecursionLimitExceeded => ProtocolError::TooDeep(MAX_DEPTH),
-            other => ProtocolError::Malformed(other.to_string()),
-        },
-    )?;
-    if !reader.is_empty() {
-        return Err(ProtocolError::TrailingBytes(reader.len()));
-    }
+    let value: T = from_local(bytes, max, kind)?;
     let again = to_canonical(&value).map_err(|e| match e {
         ProtocolError::FloatNotAllowed => ProtocolError::FloatNotAllowed,
         _ => ProtocolError::NonCanonical,
