@@ -11,6 +11,7 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+mod gateway_support;
 mod market_support;
 
 use std::{collections::BTreeMap, net::SocketAddr, sync::Arc};
@@ -26,8 +27,7 @@ use d402_settlement::{
     Asset, LocalRail, LocalRailConfig, client, wallet,
     x402::{PAYMENT_REQUIRED, PAYMENT_RESPONSE, PAYMENT_SIGNATURE, SettlementResponse},
 };
-use http_body_util::{BodyExt, Full};
-use hyper::HeaderMap;
+use gateway_support::{balance, http, json_of};
 use market_support::*;
 use serde_json::{Value, json};
 
@@ -37,74 +37,13 @@ const FLOOR: u64 = 2_000; // each worker's bid
 const BPS: u64 = 1_000; // 10% creator commission
 const FUNDS: u64 = 1_000_000;
 
-/// One HTTP/1.1 request over a fresh connection.
-async fn http(
-    addr: SocketAddr,
-    method: &str,
-    path: &str,
-    headers: &[(&str, String)],
-    body: Option<Value>,
-) -> (u16, HeaderMap, Vec<u8>) {
-    let stream = tokio::net::TcpStream::connect(addr).await.unwrap();
-    let (mut sender, conn) =
-        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
-            .await
-            .unwrap();
-    tokio::spawn(conn);
-    let mut req = hyper::Request::builder()
-        .method(method)
-        .uri(path)
-        .header("host", addr.to_string())
-        .header("content-type", "application/json");
-    for (k, v) in headers {
-        req = req.header(*k, v.as_str());
-    }
-    let bytes = body.map(|b| b.to_string().into_bytes()).unwrap_or_default();
-    let req = req.body(Full::new(bytes::Bytes::from(bytes))).unwrap();
-    let resp = tokio::time::timeout(TIMEOUT, sender.send_request(req))
-        .await
-        .expect("the gateway answers in time")
-        .unwrap();
-    let status = resp.status().as_u16();
-    let headers = resp.headers().clone();
-    let body = resp
-        .into_body()
-        .collect()
-        .await
-        .unwrap()
-        .to_bytes()
-        .to_vec();
-    (status, headers, body)
-}
-
-fn json_of(body: &[u8]) -> Value {
-    serde_json::from_slice(body)
-        .unwrap_or_else(|e| panic!("not JSON ({e}): {}", String::from_utf8_lossy(body)))
-}
-
-async fn balance(addr: SocketAddr, who: &str) -> u64 {
-    let (status, _, body) =
-        http(addr, "GET", &format!("/v1/local/accounts/{who}"), &[], None).await;
-    assert_eq!(status, 200, "{}", String::from_utf8_lossy(&body));
-    json_of(&body)["units"].as_str().unwrap().parse().unwrap()
-}
-
 fn task_request() -> Value {
     json!({"capability": "test.echo@1", "input": {"msg": "hello, paid world"}})
 }
 
 /// Asks for the task without paying and pays the challenge: the `PAYMENT-SIGNATURE` value.
 async fn pay(addr: SocketAddr, payer: &SigningKey) -> String {
-    let (status, headers, body) = http(addr, "POST", "/v1/tasks", &[], Some(task_request())).await;
-    assert_eq!(status, 402, "{}", String::from_utf8_lossy(&body));
-    let header = headers
-        .get(PAYMENT_REQUIRED)
-        .expect("PAYMENT-REQUIRED")
-        .to_str()
-        .unwrap();
-    let challenge = client::read_challenge(Some(header), Some(&body)).unwrap();
-    let payment = client::pay_local(&challenge, payer, now_ms(), Some(PRICE)).unwrap();
-    payment.header_v2().unwrap().1
+    gateway_support::pay(addr, payer, &task_request(), PRICE).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
