@@ -14,20 +14,20 @@
 mod gateway_support;
 mod market_support;
 
-use std::{collections::BTreeMap, net::SocketAddr, sync::Arc};
+use std::{collections::BTreeMap, net::SocketAddr};
 
 use d402_capabilities::{CapabilityRegistration, registration::Registration};
 use d402_node::{
     capstore::{self, CapStore},
     gateway::{Gateway, GatewayConfig, GatewayParts, GatewayPolicy, GatewaySettings},
-    market::{now_ms, reputation::Policy, worker::WorkerConfig},
+    market::{now_ms, worker::WorkerConfig},
 };
 use d402_protocol::{Chain, PublicKey, RailKind, SigningKey};
 use d402_settlement::{
-    Asset, LocalRail, LocalRailConfig, client, wallet,
+    Asset, client, wallet,
     x402::{PAYMENT_REQUIRED, PAYMENT_RESPONSE, PAYMENT_SIGNATURE, SettlementResponse},
 };
-use gateway_support::{balance, http, json_of};
+use gateway_support::{balance, gateway_with_rail, http, json_of};
 use market_support::*;
 use serde_json::{Value, json};
 
@@ -69,27 +69,9 @@ async fn paid_task_splits_to_the_unit_replay_refused_no_workers_refunded() {
         .unwrap();
 
     // The gateway: coordinator over libp2p, local rail in its redb, HTTP on port 0.
-    let gw = start_gateway(
-        gw_dir.path(),
-        seed(),
-        0,
-        coordinator_config(),
-        Policy::default(),
-    )
-    .await;
     let gateway_key = wallet::generate().unwrap();
     let gateway_pub = PublicKey::from(gateway_key.verifying_key());
-    let rail = Arc::new(
-        LocalRail::open(
-            gw.state.database().clone(),
-            gateway_key,
-            LocalRailConfig {
-                dev_mode: true,
-                ..LocalRailConfig::default()
-            },
-        )
-        .unwrap(),
-    );
+    let (gw, rail) = gateway_with_rail(gw_dir.path(), gateway_key).await;
     let gateway_account = rail.address();
     let resolved = capstore::resolve_offer(gw_dir.path(), &"test.echo@1".parse().unwrap()).unwrap();
     let mut settings = GatewaySettings::new(RailKind::Local, Asset::local_usdc());
@@ -324,25 +306,7 @@ async fn payment_locked_before_a_crash_is_refunded_at_restart() {
     CapStore::new(gw_dir.path())
         .import(&offer.manifest, &offer.wasm, None, false)
         .unwrap();
-    let gw = start_gateway(
-        gw_dir.path(),
-        seed(),
-        0,
-        coordinator_config(),
-        Policy::default(),
-    )
-    .await;
-    let rail = Arc::new(
-        LocalRail::open(
-            gw.state.database().clone(),
-            wallet::generate().unwrap(),
-            LocalRailConfig {
-                dev_mode: true,
-                ..LocalRailConfig::default()
-            },
-        )
-        .unwrap(),
-    );
+    let (gw, rail) = gateway_with_rail(gw_dir.path(), wallet::generate().unwrap()).await;
     let payer = wallet::generate().unwrap();
     let payer_addr = wallet::address(&payer);
     rail.faucet(&payer_addr, FUNDS, now_ms()).unwrap();

@@ -13,20 +13,20 @@
 mod gateway_support;
 mod market_support;
 
-use std::{net::SocketAddr, sync::Arc, time::Duration};
+use std::{net::SocketAddr, time::Duration};
 
 use d402_capabilities::{CapabilityRegistration, Manifest, registration::Registration};
 use d402_node::{
     capstore::{ResolvedCapability, Source},
     gateway::{Gateway, GatewayConfig, GatewayParts, GatewayPolicy, GatewaySettings},
-    market::{now_ms, reputation::Policy, worker::WorkerConfig},
+    market::{now_ms, worker::WorkerConfig},
 };
 use d402_protocol::{Chain, Cid, RailKind, SigningKey};
 use d402_settlement::{
-    Asset, LocalRail, LocalRailConfig, wallet,
+    Asset, wallet,
     x402::{PAYMENT_REQUIRED, PAYMENT_RESPONSE, PAYMENT_SIGNATURE},
 };
-use gateway_support::{balance, http, json_of};
+use gateway_support::{balance, gateway_with_rail, http, json_of};
 use market_support::*;
 use serde_json::{Value, json};
 
@@ -90,25 +90,7 @@ async fn policy_refuses_before_payment_and_idempotency_charges_once() {
     ];
     assert_eq!(offers[0].manifest_cid, echo.manifest_cid);
 
-    let gw = start_gateway(
-        gw_dir.path(),
-        seed(),
-        0,
-        coordinator_config(),
-        Policy::default(),
-    )
-    .await;
-    let rail = Arc::new(
-        LocalRail::open(
-            gw.state.database().clone(),
-            wallet::generate().unwrap(),
-            LocalRailConfig {
-                dev_mode: true,
-                ..LocalRailConfig::default()
-            },
-        )
-        .unwrap(),
-    );
+    let (gw, rail) = gateway_with_rail(gw_dir.path(), wallet::generate().unwrap()).await;
     let mut settings = GatewaySettings::new(RailKind::Local, Asset::local_usdc());
     settings.price = Some("$0.01".into());
     settings.budget = Some("0.009".into());

@@ -3,16 +3,32 @@
 
 #![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
 
-use std::net::SocketAddr;
+use std::{net::SocketAddr, path::Path, sync::Arc};
 
-use d402_node::market::now_ms;
+use d402_node::market::{now_ms, reputation::Policy};
 use d402_protocol::SigningKey;
-use d402_settlement::{client, x402::PAYMENT_REQUIRED};
+use d402_settlement::{LocalRail, LocalRailConfig, client, x402::PAYMENT_REQUIRED};
 use http_body_util::{BodyExt, Full};
 use hyper::HeaderMap;
 use serde_json::Value;
 
-use crate::market_support::TIMEOUT;
+use crate::market_support::{MarketNode, TIMEOUT, coordinator_config, seed, start_gateway};
+
+/// A gateway node (coordinator over libp2p, default reputation policy) in `dir` with a
+/// dev-mode `local` rail in its redb, paid to `rail_key`.
+pub async fn gateway_with_rail(dir: &Path, rail_key: SigningKey) -> (MarketNode, Arc<LocalRail>) {
+    let gw = start_gateway(dir, seed(), 0, coordinator_config(), Policy::default()).await;
+    let rail = LocalRail::open(
+        gw.state.database().clone(),
+        rail_key,
+        LocalRailConfig {
+            dev_mode: true,
+            ..LocalRailConfig::default()
+        },
+    )
+    .unwrap();
+    (gw, Arc::new(rail))
+}
 
 /// One HTTP/1.1 request over a fresh connection: status, headers and body.
 pub async fn http(
