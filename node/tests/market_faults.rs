@@ -57,20 +57,8 @@ async fn liar_is_rejected_loses_reputation_and_is_banned() {
     let mut last_score = coord.reputation().get(&liar).unwrap().score();
     for round in 1..=3u64 {
         let spec = task(&offer, format!(r#"{{"n":{round}}}"#).as_bytes(), 3, 2);
-        let id = spec.task_id;
-        let done = tokio::time::timeout(TIMEOUT, coord.run_task(spec))
-            .await
-            .unwrap()
-            .unwrap();
-        assert_eq!(done.phase, Phase::Accepted, "round {round}: {done:?}");
-        let rec = eventually("the liar's claim judged", || {
-            let c = coord.clone();
-            async move {
-                let r = c.tasks().get(&id).unwrap()?;
-                (r.claims.len() == 3).then_some(r)
-            }
-        })
-        .await;
+        // The liar's claim is judged too (on arrival when it lands after the decision).
+        let rec = run_accepted(&coord, spec, 3).await;
         let accepted = rec.accepted_output.unwrap();
         for c in &rec.claims {
             if c.claim.signer.0 == liar {
@@ -810,20 +798,7 @@ async fn quorum_over_a_live_page_via_a_pinned_snapshot() {
     let coord = gw.coordinator.clone().unwrap();
     let input = serde_json::to_vec(&serde_json::json!({ "url": page.url })).unwrap();
     let spec = task(&offer, &input, 3, 2);
-    let id = spec.task_id;
-    let done = tokio::time::timeout(TIMEOUT, coord.run_task(spec))
-        .await
-        .unwrap()
-        .unwrap();
-    assert_eq!(done.phase, Phase::Accepted, "{done:?}");
-    let rec = eventually("all three claims recorded", || {
-        let c = coord.clone();
-        async move {
-            let r = c.tasks().get(&id).unwrap()?;
-            (r.claims.len() == 3).then_some(r)
-        }
-    })
-    .await;
+    let rec = run_accepted(&coord, spec, 3).await;
     let pinned = rec.pinned.expect("a snapshot was pinned");
     for c in &rec.claims {
         assert_eq!(c.claim.body.snapshot_cid, Some(pinned));

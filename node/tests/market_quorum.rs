@@ -5,11 +5,7 @@
 
 mod market_support;
 
-use d402_node::market::{
-    reputation::Policy,
-    tasks::{ClaimJudgement, Phase},
-    worker::WorkerConfig,
-};
+use d402_node::market::{reputation::Policy, tasks::ClaimJudgement, worker::WorkerConfig};
 use std::time::Duration;
 
 use d402_protocol::RailKind;
@@ -55,22 +51,9 @@ async fn honest_quorum(window: Duration, inline: u64) {
     }
     let coord = gw.coordinator.clone().unwrap();
     let spec = task(&offer, br#"{"n":1}"#, 3, 2);
-    let id = spec.task_id;
-    let done = tokio::time::timeout(TIMEOUT, coord.run_task(spec))
-        .await
-        .unwrap()
-        .unwrap();
-    assert_eq!(done.phase, Phase::Accepted, "{done:?}");
-    assert!(done.accepted_output.is_some());
     // The third claim may land after the decision; it is recorded and judged too.
-    let rec = eventually("all three claims recorded", || {
-        let c = coord.clone();
-        async move {
-            let r = c.tasks().get(&id).unwrap()?;
-            (r.claims.len() == 3).then_some(r)
-        }
-    })
-    .await;
+    let rec = run_accepted(&coord, spec, 3).await;
+    assert!(rec.accepted_output.is_some());
     assert!(
         rec.claims
             .iter()

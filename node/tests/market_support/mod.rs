@@ -19,7 +19,7 @@ use d402_node::{
         now_ms,
         reputation::{Policy, Reputation},
         service::{self, Services},
-        tasks::TaskSpec,
+        tasks::{Phase, TaskRecord, TaskSpec},
         worker::{OfferedCapability, Worker, WorkerConfig},
     },
     net::{self, NetConfig, NetHandle, Node},
@@ -277,4 +277,23 @@ where
         assert!(Instant::now() < end, "timed out waiting for: {what}");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+}
+
+/// Runs `spec` on `coord`, checks it is accepted, and returns its record once `claims`
+/// claims are recorded (the last may land after the decision and is judged on arrival).
+pub async fn run_accepted(coord: &Coordinator, spec: TaskSpec, claims: usize) -> TaskRecord {
+    let id = spec.task_id;
+    let done = tokio::time::timeout(TIMEOUT, coord.run_task(spec))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(done.phase, Phase::Accepted, "{done:?}");
+    eventually("the claims recorded", || {
+        let c = coord.clone();
+        async move {
+            let r = c.tasks().get(&id).unwrap()?;
+            (r.claims.len() == claims).then_some(r)
+        }
+    })
+    .await
 }
