@@ -118,6 +118,9 @@ pub enum CoordinatorError {
     /// The task vanished.
     #[error("task {0} not found")]
     NotFound(TaskId),
+    /// The runtime is shutting down: a database write did not run.
+    #[error("interrupted: the node is shutting down")]
+    Interrupted,
 }
 
 /// Timers and terms of the coordinator.
@@ -235,12 +238,30 @@ impl Coordinator {
             .clone()
     }
 
+    /// Runs `f` on the blocking pool: a commit waits for the disk, and the async workers
+    /// must keep serving the network meanwhile (on two cores, two commits in flight on the
+    /// async workers stall every connection of the node).
+    async fn blocking<R: Send + 'static>(
+        &self,
+        f: impl FnOnce(&Coordinator) -> Result<R, CoordinatorError> + Send + 'static,
+    ) -> Result<R, CoordinatorError> {
+        let me = self.clone();
+        match tokio::task::spawn_blocking(move || f(&me)).await {
+            Ok(r) => r,
+            Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
+            Err(_) => Err(CoordinatorError::Interrupted),
+        }
+    }
+
     /// Runs a new task to its end and returns its final record.
     pub async fn run_task(&self, spec: TaskSpec) -> Result<TaskRecord, CoordinatorError> {
         let id = spec.task_id;
         let mut rec = TaskRecord::new(spec, now_ms());
         rec.validators = self.inner.cfg.validators;
-        if !self.inner.tasks.create(&rec)? {
+        if !self
+            .blocking(move |c| Ok(c.inner.tasks.create(&rec)?))
+            .await?
+        {
             return Err(CoordinatorError::Exists(id));
         }
         self.drive(id).await
@@ -504,21 +525,24 @@ impl Coordinator {
         info!(bids = bids.len(), chosen = sel.chosen.len(), "bids ranked");
         // The ranked bids and the first leases commit together, then the leases go out: the
         // primary alone when its snapshot is to be pinned, else `fanout` at once.
-        let first = inner
-            .tasks
-            .update(&spec.task_id, |r| {
-                r.bids = bids;
-                r.passed = passed;
-                r.updated_at = now;
-                if r.bids.is_empty() {
-                    r.phase = Phase::Failed {
-                        reason: "no usable bids".into(),
-                    };
-                    return Ok::<_, CoordinatorError>(Vec::new());
-                }
-                r.phase = Phase::Leasing;
-                self.issue_leases(r, leases_wanted(r), now_ms())
-            })?
+        let id = spec.task_id;
+        let first = self
+            .blocking(move |c| {
+                c.inner.tasks.update(&id, |r| {
+                    r.bids = bids;
+                    r.passed = passed;
+                    r.updated_at = now;
+                    if r.bids.is_empty() {
+                        r.phase = Phase::Failed {
+                            reason: "no usable bids".into(),
+                        };
+                        return Ok::<_, CoordinatorError>(Vec::new());
+                    }
+                    r.phase = Phase::Leasing;
+                    c.issue_leases(r, leases_wanted(r), now_ms())
+                })
+            })
+            .await?
             .unwrap_or_default();
         self.send_leases(&spec.task_id, &first).await
     }
@@ -825,8 +849,9 @@ impl Coordinator {
                     let addrs = self.addrs_of(p).await;
                     let ack = inner.net.request_lease(p, addrs, l.lease.clone()).await;
                     if let Ok(LeaseAck::Claimed(claim)) = &ack {
-                        // Logs a refusal itself.
-                        let _ = self.on_claim(p, (**claim).clone());
+                        // Recorded (committed) off the async workers; logs a refusal itself.
+                        let claim = (**claim).clone();
+                        let _ = self.blocking(move |c| Ok(c.on_claim(p, claim))).await;
                     }
                     ack
                 }

@@ -73,13 +73,21 @@ async fn run(mut rx: mpsc::Receiver<Inbound>, s: Services) {
                 request,
                 reply,
             } => {
-                let r = match &s.coordinator {
-                    Some(c) => c.on_claim(peer, request),
-                    None => ClaimAck::Refused {
-                        reason: "unknown_task".into(),
-                    },
-                };
-                let _ = reply.send(r);
+                match &s.coordinator {
+                    // Recorded (committed) on the blocking pool, so that this loop and the
+                    // async workers keep serving while the disk syncs.
+                    Some(c) => {
+                        let c = c.clone();
+                        tokio::task::spawn_blocking(move || {
+                            let _ = reply.send(c.on_claim(peer, request));
+                        });
+                    }
+                    None => {
+                        let _ = reply.send(ClaimAck::Refused {
+                            reason: "unknown_task".into(),
+                        });
+                    }
+                }
             }
             Inbound::Verdict {
                 peer,
