@@ -5,8 +5,9 @@
 //! 2. without a payment header: `402` with `PAYMENT-REQUIRED` (v2) and the v1 JSON body;
 //! 3. with `Idempotency-Key`: a stored answer is returned as is (nothing charged again);
 //! 4. the payment is verified on the rail (signature, terms, window, nonce, funds);
-//! 5. the payment is locked in escrow and the task's [`PaidTask`] row written, in one redb
-//!    transaction: no work starts before the money is held;
+//! 5. the payment is locked in escrow and the task's [`PaidTask`] row and the coordinator's
+//!    task record written, in one redb transaction: no work starts before the money is
+//!    held, and a crash after it resumes the task;
 //! 6. the task runs through the [`Coordinator`](crate::market::coordinator::Coordinator),
 //!    in a task of its own so that a client hanging up does not stop it;
 //! 7. an accepted task is captured: each accepted worker is paid its bid, split into
@@ -56,7 +57,7 @@ use super::{
 use crate::{
     market::{
         now_ms,
-        tasks::{ClaimJudgement, Phase, TaskRecord, TaskSpec},
+        tasks::{ClaimJudgement, Phase, TaskRecord, TaskSpec, Tasks},
     },
     state::{State as NodeState, StateError, decode, encode},
 };
@@ -334,13 +335,32 @@ async fn create_inner(
         idempotency_key: key.clone(),
         created_at: now,
     };
-    // Lock the payment and record what was sold in one transaction, before any work.
+    let spec = TaskSpec {
+        task_id,
+        capability: admitted.capability,
+        manifest_cid: admitted.manifest_cid,
+        input: admitted.input,
+        rail: RailKind::Local,
+        budget: app.rail.asset().amount(admitted.budget_units),
+        fanout: admitted.fanout,
+        quorum: admitted.quorum,
+        deadline: now.saturating_add(app.config.task_timeout.as_millis() as u64),
+        takes_snapshot: !admitted.manifest.permissions.snapshotters.is_empty(),
+    };
+    // Lock the payment and record what was sold in one transaction, before any work; the
+    // coordinator's task record joins it when the tables share the database (always in
+    // `d402 node`), so a paid task is never without its record, and a crash resumes it.
+    let task = app.coordinator.new_record(spec);
+    let joint = Arc::ptr_eq(app.rail.database(), app.coordinator.tasks().database());
     let locked = {
         let rail = app.rail.clone();
         let paid = paid.clone();
-        tokio::task::spawn_blocking(move || lock_and_record(&rail, &paid, &verified, now))
-            .await
-            .map_err(internal)?
+        let task = task.clone();
+        tokio::task::spawn_blocking(move || {
+            lock_and_record(&rail, &paid, &verified, now, joint.then_some(&task))
+        })
+        .await
+        .map_err(internal)?
     };
     if let Err(e) = locked {
         abandon(e.code());
@@ -356,22 +376,15 @@ async fn create_inner(
     }
     info!(task = %task_id, payer = %paid.payer, units = paid.price_units, capability = %paid.capability, "payment locked; running the task");
     // The rest runs on its own: a client hanging up must not leave money locked.
-    let spec = TaskSpec {
-        task_id,
-        capability: admitted.capability,
-        manifest_cid: admitted.manifest_cid,
-        input: admitted.input,
-        rail: RailKind::Local,
-        budget: app.rail.asset().amount(admitted.budget_units),
-        fanout: admitted.fanout,
-        quorum: admitted.quorum,
-        deadline: now.saturating_add(app.config.task_timeout.as_millis() as u64),
-        takes_snapshot: !admitted.manifest.permissions.snapshotters.is_empty(),
-    };
     let app2 = app.clone();
     let run = tokio::spawn(
         async move {
-            let rec = match app2.coordinator.run_task(spec).await {
+            let ran = if joint {
+                app2.coordinator.drive(task_id).await
+            } else {
+                app2.coordinator.run_task(task.spec).await
+            };
+            let rec = match ran {
                 Ok(rec) => Some(rec),
                 Err(e) => {
                     warn!(error = %e, "task failed in the coordinator");
@@ -396,6 +409,7 @@ fn lock_and_record(
     paid: &PaidTask,
     verified: &d402_settlement::VerifiedPayment,
     now: UnixMillis,
+    task: Option<&TaskRecord>,
 ) -> Result<(), RailError> {
     let bytes = encode("gateway_tasks", paid).map_err(|e| RailError::Corrupt {
         table: "gateway_tasks",
@@ -406,6 +420,22 @@ fn lock_and_record(
     {
         let mut t = txn.open_table(PAID_TASKS)?;
         t.insert(&paid.task_id.0[..], bytes.as_slice())?;
+    }
+    if let Some(task) = task {
+        let created = Tasks::create_in(&txn, task).map_err(|e| match e {
+            StateError::Db(e) => RailError::Storage(Box::new(e)),
+            other => RailError::Corrupt {
+                table: "tasks",
+                reason: other.to_string(),
+            },
+        })?;
+        if !created {
+            // Task ids are random; a clash aborts the transaction (nothing locked).
+            return Err(RailError::Corrupt {
+                table: "tasks",
+                reason: format!("task {} exists", paid.task_id),
+            });
+        }
     }
     txn.commit()?;
     Ok(())

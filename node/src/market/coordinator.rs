@@ -253,11 +253,19 @@ impl Coordinator {
         }
     }
 
+    /// The record a new task starts with, on this coordinator's terms (to be created with
+    /// [`Tasks::create_in`] in a caller's transaction, then driven with
+    /// [`Coordinator::drive`]).
+    pub fn new_record(&self, spec: TaskSpec) -> TaskRecord {
+        let mut rec = TaskRecord::new(spec, now_ms());
+        rec.validators = self.inner.cfg.validators;
+        rec
+    }
+
     /// Runs a new task to its end and returns its final record.
     pub async fn run_task(&self, spec: TaskSpec) -> Result<TaskRecord, CoordinatorError> {
         let id = spec.task_id;
-        let mut rec = TaskRecord::new(spec, now_ms());
-        rec.validators = self.inner.cfg.validators;
+        let rec = self.new_record(spec);
         if !self
             .blocking(move |c| Ok(c.inner.tasks.create(&rec)?))
             .await?

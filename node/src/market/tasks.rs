@@ -273,16 +273,25 @@ impl Tasks {
 
     /// Inserts a new task (refused if it exists).
     pub fn create(&self, rec: &TaskRecord) -> Result<bool, StateError> {
+        self.state.write(|txn| Tasks::create_in(txn, rec))
+    }
+
+    /// [`Tasks::create`] inside `txn` (a write transaction of [`Tasks::database`]), so
+    /// that the task commits with other rows (the gateway's payment lock).
+    pub fn create_in(txn: &WriteTransaction, rec: &TaskRecord) -> Result<bool, StateError> {
         let key = rec.spec.task_id.0;
         let bytes = encode("tasks", rec)?;
-        self.state.write(|txn| {
-            let mut t = txn.open_table(TASKS)?;
-            if t.get(&key[..])?.is_some() {
-                return Ok(false);
-            }
-            t.insert(&key[..], bytes.as_slice())?;
-            Ok(true)
-        })
+        let mut t = txn.open_table(TASKS)?;
+        if t.get(&key[..])?.is_some() {
+            return Ok(false);
+        }
+        t.insert(&key[..], bytes.as_slice())?;
+        Ok(true)
+    }
+
+    /// The database the table lives in.
+    pub fn database(&self) -> &std::sync::Arc<redb::Database> {
+        self.state.database()
     }
 
     /// Reads a task.
