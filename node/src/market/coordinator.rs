@@ -24,7 +24,7 @@ use d402_protocol::{
     messages::{BidRequest, BidResponse, Claim, ClaimAck, Lease, LeaseAck, VerdictOutcome},
     types::MESSAGE_VERSION,
 };
-use futures::future::join_all;
+use futures::{FutureExt, StreamExt, future::join_all, stream::FuturesUnordered};
 use libp2p::{Multiaddr, PeerId};
 use tokio::sync::Notify;
 use tracing::{Instrument, debug, info, info_span, warn};
@@ -850,24 +850,39 @@ impl Coordinator {
     /// (exactly as one received on `/d402/claim/1`), and records the refusals.
     async fn send_leases(&self, id: &TaskId, to_send: &[LeaseRec]) -> Result<(), CoordinatorError> {
         let inner = &self.inner;
-        let results = join_all(to_send.iter().map(|l| async move {
-            let peer = peer_from(&l.peer);
-            let ack = match peer {
-                Some(p) => {
-                    let addrs = self.addrs_of(p).await;
-                    let ack = inner.net.request_lease(p, addrs, l.lease.clone()).await;
-                    if let Ok(LeaseAck::Claimed(claim)) = &ack {
-                        // Recorded (committed) off the async workers; logs a refusal itself.
-                        let claim = (**claim).clone();
-                        let _ = self.blocking(move |c| Ok(c.on_claim(p, claim))).await;
+        let mut pending: FuturesUnordered<_> = to_send
+            .iter()
+            .map(|l| async move {
+                let ack = match peer_from(&l.peer) {
+                    Some(p) => {
+                        let addrs = self.addrs_of(p).await;
+                        inner.net.request_lease(p, addrs, l.lease.clone()).await
                     }
-                    ack
-                }
-                None => Err(crate::net::RrError::Dial("bad peer id".into())),
-            };
-            (l.lease_cid, ack)
-        }))
-        .await;
+                    None => Err(crate::net::RrError::Dial("bad peer id".into())),
+                };
+                (l, ack)
+            })
+            .collect();
+        // Inline claims are recorded as they come, those that came together in one commit
+        // (off the async workers; `on_claims` logs refusals).
+        let mut results = Vec::with_capacity(to_send.len());
+        while let Some(first) = pending.next().await {
+            let mut ready = vec![first];
+            while let Some(Some(more)) = pending.next().now_or_never() {
+                ready.push(more);
+            }
+            let claims: Vec<(PeerId, Signed<Claim>)> = ready
+                .iter()
+                .filter_map(|(l, ack)| match ack {
+                    Ok(LeaseAck::Claimed(c)) => Some((peer_from(&l.peer)?, (**c).clone())),
+                    _ => None,
+                })
+                .collect();
+            if !claims.is_empty() {
+                let _ = self.blocking(move |c| Ok(c.on_claims(claims))).await;
+            }
+            results.extend(ready.into_iter().map(|(l, ack)| (l.lease_cid, ack)));
+        }
         let mut accepted = 0;
         let statuses: Vec<(Cid, LeaseStatus)> = results
             .into_iter()
@@ -1121,115 +1136,189 @@ impl Coordinator {
     /// Handles a claim from `peer`: checks it against the lease it names and records it
     /// (committed before the acknowledgement).
     pub fn on_claim(&self, peer: PeerId, claim: Signed<Claim>) -> ClaimAck {
-        match self.record_claim(peer, &claim) {
-            Ok(()) => {
-                self.notify(&claim.body.task_id).notify_one();
-                ClaimAck::Received
-            }
-            Err(r) => {
-                info!(%peer, task = %claim.body.task_id, reason = r.code(), "claim refused");
-                r.ack()
-            }
-        }
+        self.on_claims(vec![(peer, claim)])
+            .pop()
+            .unwrap_or(ClaimAck::Refused {
+                reason: ClaimRefusal::Internal.code().into(),
+            })
     }
 
-    fn record_claim(&self, peer: PeerId, claim: &Signed<Claim>) -> Result<(), ClaimRefusal> {
-        let inner = &self.inner;
+    /// Handles claims that arrived together (all of one task, e.g. the inline claims of one
+    /// round of leases): each is checked as by [`Coordinator::on_claim`], and those accepted
+    /// are recorded in one commit, before any acknowledgement. Answers in order.
+    pub fn on_claims(&self, claims: Vec<(PeerId, Signed<Claim>)>) -> Vec<ClaimAck> {
+        let results = self.record_claims(&claims);
+        let mut acks = Vec::with_capacity(claims.len());
+        let mut woken = false;
+        for ((peer, claim), result) in claims.iter().zip(results) {
+            match result {
+                Ok(()) => {
+                    if !woken {
+                        self.notify(&claim.body.task_id).notify_one();
+                        woken = true;
+                    }
+                    acks.push(ClaimAck::Received);
+                }
+                Err(r) => {
+                    info!(%peer, task = %claim.body.task_id, reason = r.code(), "claim refused");
+                    acks.push(r.ack());
+                }
+            }
+        }
+        acks
+    }
+
+    /// Checks `claim` from `peer` against `r` and records it there (inside `txn`, with its
+    /// reputation row when it is judged on arrival). Returns its judgement.
+    fn apply_claim(
+        &self,
+        txn: &redb::WriteTransaction,
+        r: &mut TaskRecord,
+        claim: &Signed<Claim>,
+        now: u64,
+    ) -> Result<ClaimJudgement, ClaimRefusal> {
         let c = &claim.body;
-        let now = now_ms();
-        // The codec verified the claim's signature when it decoded it (on `/d402/claim/1` or
-        // inline in a lease's answer); it must be the sending peer's.
-        let from = public_key_of(&peer).map_err(|_| ClaimRefusal::BadSignature)?;
-        if claim.signer != from {
+        let accepted = r.accepted_output;
+        let phase = r.phase.clone();
+        let li = r
+            .leases
+            .iter()
+            .position(|l| l.lease_cid == c.lease_cid)
+            .ok_or(ClaimRefusal::UnknownLease)?;
+        let lease = &r.leases[li];
+        if lease.lease.body.worker != claim.signer {
             return Err(ClaimRefusal::BadSignature);
         }
-        let late_judgement = inner
-            .tasks
-            .update_with(&c.task_id, |txn, r| {
-                let accepted = r.accepted_output;
-                let phase = r.phase.clone();
-                let lease = r
-                    .leases
-                    .iter_mut()
-                    .find(|l| l.lease_cid == c.lease_cid)
-                    .ok_or(ClaimRefusal::UnknownLease)?;
-                if lease.lease.body.worker != claim.signer {
-                    return Err(ClaimRefusal::BadSignature);
+        if lease.lease.body.fencing_token != c.fencing_token {
+            return Err(ClaimRefusal::StaleFencingToken);
+        }
+        match lease.status {
+            LeaseStatus::Claimed => return Err(ClaimRefusal::Duplicate),
+            LeaseStatus::Expired | LeaseStatus::Refused => {
+                return Err(ClaimRefusal::StaleFencingToken);
+            }
+            LeaseStatus::Sent | LeaseStatus::Accepted => {}
+        }
+        if lease.lease.body.deadline <= now {
+            return Err(ClaimRefusal::LeaseExpired);
+        }
+        if lease.lease.body.snapshot_cid.is_some()
+            && c.snapshot_cid != lease.lease.body.snapshot_cid
+        {
+            return Err(ClaimRefusal::WrongSnapshot);
+        }
+        if matches!(phase, Phase::Failed { .. }) {
+            return Err(ClaimRefusal::TaskClosed);
+        }
+        let judgement = match accepted {
+            Some(out) if out == c.output_cid => ClaimJudgement::Accepted,
+            Some(_) => ClaimJudgement::Rejected,
+            None => ClaimJudgement::Pending,
+        };
+        // A claim judged on arrival (the task was decided already): its outcome commits
+        // with it when the tables share a database (written first: a failure leaves `r`
+        // as it was).
+        if self.inner.joint && judgement != ClaimJudgement::Pending {
+            self.inner
+                .reputation
+                .record_in(txn, &claim.signer.0, outcome_of(judgement), now)?;
+        }
+        r.leases[li].status = LeaseStatus::Claimed;
+        r.claims.push(ClaimRec {
+            claim: claim.clone(),
+            judgement,
+        });
+        r.updated_at = now;
+        Ok(judgement)
+    }
+
+    /// Records claims of one task in one transaction; one result per claim. Nothing is
+    /// written when every claim is refused.
+    fn record_claims(&self, claims: &[(PeerId, Signed<Claim>)]) -> Vec<Result<(), ClaimRefusal>> {
+        let inner = &self.inner;
+        let now = now_ms();
+        // The codec verified each claim's signature when it decoded it (on `/d402/claim/1`
+        // or inline in a lease's answer); it must be the sending peer's.
+        let mut results: Vec<Result<ClaimJudgement, ClaimRefusal>> = claims
+            .iter()
+            .map(|(peer, claim)| match public_key_of(peer) {
+                Ok(from) if claim.signer == from => Ok(ClaimJudgement::Pending),
+                _ => Err(ClaimRefusal::BadSignature),
+            })
+            .collect();
+        let Some(task_id) = claims.first().map(|(_, c)| c.body.task_id) else {
+            return Vec::new();
+        };
+        let mut decided = None;
+        let written = inner.tasks.update_with(&task_id, |txn, r| {
+            let mut any = false;
+            for ((_, claim), result) in claims.iter().zip(results.iter_mut()) {
+                if result.is_err() {
+                    continue;
                 }
-                if lease.lease.body.fencing_token != c.fencing_token {
-                    return Err(ClaimRefusal::StaleFencingToken);
+                if claim.body.task_id != task_id {
+                    *result = Err(ClaimRefusal::UnknownTask);
+                    continue;
                 }
-                match lease.status {
-                    LeaseStatus::Claimed => return Err(ClaimRefusal::Duplicate),
-                    LeaseStatus::Expired | LeaseStatus::Refused => {
-                        return Err(ClaimRefusal::StaleFencingToken);
-                    }
-                    LeaseStatus::Sent | LeaseStatus::Accepted => {}
+                *result = self.apply_claim(txn, r, claim, now);
+                any |= result.is_ok();
+            }
+            if !any {
+                // Abort: nothing to write.
+                return Err(ClaimRefusal::Duplicate);
+            }
+            // The claim that completes the quorum decides the task in the same commit,
+            // unless a step stands between (the primary's snapshot to pin and check,
+            // validators to ask): those are the driver's.
+            let pin_pending = r.spec.takes_snapshot && !r.primary_done;
+            if r.phase == Phase::Leasing
+                && r.validators == 0
+                && !pin_pending
+                && let Some(output_cid) = quorum_reached(r)
+            {
+                let judged = self.accept_in(txn, r, output_cid, now).map_err(|e| {
+                    warn!(task = %task_id, error = %e, "cannot decide the task");
+                    ClaimRefusal::Internal
+                })?;
+                decided = Some((r.clone(), judged));
+            }
+            Ok(())
+        });
+        match written {
+            Ok(Some(())) => {}
+            Ok(None) => {
+                return results
+                    .into_iter()
+                    .map(|r| r.and(Err(ClaimRefusal::UnknownTask)))
+                    .collect();
+            }
+            Err(e) => {
+                // Each claim keeps its own refusal; those that would have been accepted
+                // share the transaction's failure (nothing was written).
+                return results.into_iter().map(|r| r.and(Err(e))).collect();
+            }
+        }
+        if let Some((done, judged)) = &decided
+            && let Err(e) = self.after_acceptance(done, judged, now)
+        {
+            warn!(task = %task_id, error = %e, "cannot record the outcomes");
+        }
+        results
+            .into_iter()
+            .zip(claims)
+            .map(|(result, (peer, claim))| {
+                let judgement = result?;
+                if judgement == ClaimJudgement::Rejected {
+                    info!(%peer, "late claim rejected: disagrees with the accepted result");
                 }
-                if lease.lease.body.deadline <= now {
-                    return Err(ClaimRefusal::LeaseExpired);
-                }
-                if lease.lease.body.snapshot_cid.is_some()
-                    && c.snapshot_cid != lease.lease.body.snapshot_cid
-                {
-                    return Err(ClaimRefusal::WrongSnapshot);
-                }
-                if matches!(phase, Phase::Failed { .. }) {
-                    return Err(ClaimRefusal::TaskClosed);
-                }
-                lease.status = LeaseStatus::Claimed;
-                let judgement = match accepted {
-                    Some(out) if out == c.output_cid => ClaimJudgement::Accepted,
-                    Some(_) => ClaimJudgement::Rejected,
-                    None => ClaimJudgement::Pending,
-                };
-                r.claims.push(ClaimRec {
-                    claim: claim.clone(),
-                    judgement,
-                });
-                r.updated_at = now;
-                // A claim judged on arrival (the task was decided already): its outcome
-                // commits with it when the tables share a database.
-                if inner.joint && judgement != ClaimJudgement::Pending {
+                if !inner.joint && judgement != ClaimJudgement::Pending {
                     inner
                         .reputation
-                        .record_in(txn, &claim.signer.0, outcome_of(judgement), now)?;
+                        .record(&claim.signer.0, outcome_of(judgement), now)?;
                 }
-                // The claim that completes the quorum decides the task in the same commit,
-                // unless a step stands between (the primary's snapshot to pin and check,
-                // validators to ask): those are the driver's.
-                let mut decided = None;
-                let pin_pending = r.spec.takes_snapshot && !r.primary_done;
-                if judgement == ClaimJudgement::Pending
-                    && r.phase == Phase::Leasing
-                    && r.validators == 0
-                    && !pin_pending
-                    && let Some(output_cid) = quorum_reached(r)
-                {
-                    let judged = self.accept_in(txn, r, output_cid, now).map_err(|e| {
-                        warn!(task = %c.task_id, error = %e, "cannot decide the task");
-                        ClaimRefusal::Internal
-                    })?;
-                    decided = Some((r.clone(), judged));
-                }
-                Ok((judgement, decided))
-            })?
-            .ok_or(ClaimRefusal::UnknownTask)?;
-        let (late_judgement, decided) = late_judgement;
-        if let Some((done, judged)) = decided
-            && let Err(e) = self.after_acceptance(&done, &judged, now)
-        {
-            warn!(task = %c.task_id, error = %e, "cannot record the outcomes");
-        }
-        if late_judgement == ClaimJudgement::Rejected {
-            info!(%peer, "late claim rejected: disagrees with the accepted result");
-        }
-        if !inner.joint && late_judgement != ClaimJudgement::Pending {
-            inner
-                .reputation
-                .record(&claim.signer.0, outcome_of(late_judgement), now)?;
-        }
-        Ok(())
+                Ok(())
+            })
+            .collect()
     }
 }
 
