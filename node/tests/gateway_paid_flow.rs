@@ -291,11 +291,27 @@ async fn paid_task_splits_to_the_unit_replay_refused_no_workers_refunded() {
 }
 
 /// A payment locked (with its task row) just before a crash, whose task never reached the
-/// coordinator: the restarted gateway refunds it, and `GET /v1/tasks/{id}` says so.
+/// coordinator (as with a rail in another database): the restarted gateway refunds it, and
+/// `GET /v1/tasks/{id}` says so.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn payment_locked_before_a_crash_is_refunded_at_restart() {
-    use d402_node::gateway::tasks::{PAID_TASKS, PaidTask};
-    use d402_protocol::TaskId;
+    crash_after_the_lock(false).await;
+}
+
+/// A payment locked with its task row and the coordinator's task record (one transaction,
+/// as `d402 node` does) just before a crash: the restarted gateway resumes the task, a
+/// worker runs it, and the payment is captured.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn task_locked_with_its_record_before_a_crash_is_resumed_and_captured() {
+    crash_after_the_lock(true).await;
+}
+
+async fn crash_after_the_lock(with_record: bool) {
+    use d402_node::{
+        gateway::tasks::{PAID_TASKS, PaidTask},
+        market::tasks::{TaskSpec, Tasks},
+    };
+    use d402_protocol::{Amount, TaskId};
     use d402_settlement::{
         QuoteRequest, Rail,
         x402::{Payment, PaymentRequired, ResourceInfo},
@@ -310,6 +326,18 @@ async fn payment_locked_before_a_crash_is_refunded_at_restart() {
     let payer = wallet::generate().unwrap();
     let payer_addr = wallet::address(&payer);
     rail.faucet(&payer_addr, FUNDS, now_ms()).unwrap();
+    // A worker to run the resumed task.
+    let worker_dir = tempfile::tempdir().unwrap();
+    let worker = start_worker(
+        worker_dir.path(),
+        WorkerConfig::new(
+            vec![offer.clone()],
+            vec![RailKind::Local],
+            wallets("resumer"),
+        ),
+    )
+    .await;
+    gw.net.connect(worker.addr.clone()).await.unwrap();
 
     // What the previous run did before it crashed: verified, locked and recorded.
     let capability: d402_protocol::CapabilityRef = "test.echo@1".parse().unwrap();
@@ -352,12 +380,31 @@ async fn payment_locked_before_a_crash_is_refunded_at_restart() {
         created_at: now_ms(),
     };
     let row = d402_node::state::encode("gateway_tasks", &paid).unwrap();
+    let coordinator = gw.coordinator.clone().unwrap();
+    let record = coordinator.new_record(TaskSpec {
+        task_id,
+        capability: paid.capability.clone(),
+        manifest_cid: offer.manifest_cid,
+        input: br#"{"msg":"resumed"}"#.to_vec(),
+        rail: RailKind::Local,
+        budget: Amount {
+            asset: ASSET.into(),
+            units: PRICE,
+        },
+        fanout: 1,
+        quorum: 1,
+        deadline: now_ms() + 60_000,
+        takes_snapshot: false,
+    });
     let txn = rail.database().begin_write().unwrap();
     rail.lock_in(&txn, task_id, &verified, now_ms()).unwrap();
     txn.open_table(PAID_TASKS)
         .unwrap()
         .insert(&task_id.0[..], row.as_slice())
         .unwrap();
+    if with_record {
+        assert!(Tasks::create_in(&txn, &record).unwrap());
+    }
     txn.commit().unwrap();
     assert_eq!(rail.balance(&payer_addr).unwrap(), FUNDS - PRICE);
 
@@ -380,15 +427,14 @@ async fn payment_locked_before_a_crash_is_refunded_at_restart() {
     )
     .await
     .unwrap();
-    eventually("the locked payment is refunded", || {
+    let settled = eventually("the locked payment is settled", || {
         let rail = rail.clone();
         async move {
             let e = rail.escrow(task_id).unwrap()?;
-            (e.state == d402_settlement::EscrowState::Refunded).then_some(())
+            (e.state != d402_settlement::EscrowState::Locked).then_some(e.state)
         }
     })
     .await;
-    assert_eq!(rail.balance(&payer_addr).unwrap(), FUNDS);
     assert!(rail.audit().unwrap().is_balanced());
     let (status, _, body) = http(
         gateway.local_addr(),
@@ -400,9 +446,22 @@ async fn payment_locked_before_a_crash_is_refunded_at_restart() {
     .await;
     assert_eq!(status, 200);
     let got = json_of(&body);
-    assert_eq!(got["status"], "refunded", "{got}");
-    assert_eq!(got["settlement"]["transfers"][0]["role"], "refund");
+    if with_record {
+        // Resumed, run by the worker, accepted and paid out.
+        assert_eq!(settled, d402_settlement::EscrowState::Captured);
+        assert_eq!(got["status"], "completed", "{got}");
+        assert_eq!(worker.worker.as_ref().unwrap().claims_sent(), 1);
+        assert_eq!(rail.balance(&payer_addr).unwrap(), FUNDS - PRICE);
+        let rec = coordinator.tasks().get(&task_id).unwrap().unwrap();
+        assert_eq!(rec.phase, d402_node::market::tasks::Phase::Accepted);
+    } else {
+        assert_eq!(settled, d402_settlement::EscrowState::Refunded);
+        assert_eq!(got["status"], "refunded", "{got}");
+        assert_eq!(got["settlement"]["transfers"][0]["role"], "refund");
+        assert_eq!(rail.balance(&payer_addr).unwrap(), FUNDS);
+    }
 
     gateway.shutdown().await;
+    worker.stop().await;
     gw.stop().await;
 }
