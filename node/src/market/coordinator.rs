@@ -160,6 +160,10 @@ struct Inner {
     /// Whether the reputation table is in the tasks' database, so that outcomes commit in
     /// the same transaction as the judgement they follow from.
     joint: bool,
+    /// Leases that were open when this coordinator resumed their task: if they expire, the
+    /// worker is not charged a timeout, because its claim may have reached the gateway that
+    /// died (an inline claim in a lease's answer has no acknowledgement to retry on).
+    inherited: Mutex<HashSet<Cid>>,
     /// Providers found per manifest CID and when they were looked up: a DHT walk per task
     /// would dominate a paid task's latency, so one walk serves [`PROVIDER_TTL`].
     providers: Mutex<HashMap<Cid, (Instant, Vec<Provider>)>>,
@@ -209,6 +213,7 @@ impl Coordinator {
                 net,
                 tasks,
                 joint,
+                inherited: Mutex::default(),
                 reputation,
                 blobs,
                 cfg,
@@ -284,6 +289,16 @@ impl Coordinator {
             }
             let id = rec.spec.task_id;
             info!(task = %id, phase = ?rec.phase, "resuming task");
+            self.inner
+                .inherited
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .extend(
+                    rec.leases
+                        .iter()
+                        .filter(|l| l.is_open())
+                        .map(|l| l.lease_cid),
+                );
             // Serve the pinned snapshot again before anyone leased asks for it.
             self.restore_pinned(&rec)?;
             ids.push(id);
@@ -321,6 +336,12 @@ impl Coordinator {
         }
         .instrument(span)
         .await?;
+        // Leases inherited from before a restart are settled with the task.
+        self.inner
+            .inherited
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .retain(|c| !done.leases.iter().any(|l| l.lease_cid == *c));
         // The task is over: its pinned snapshot need not survive a restart any more (the
         // in-memory copy still serves late fetches until evicted).
         if let Some(cid) = done.pinned
@@ -581,7 +602,7 @@ impl Coordinator {
                     for l in r.leases.iter_mut() {
                         if l.is_open() && l.lease.body.deadline <= now {
                             l.status = LeaseStatus::Expired;
-                            gone.push(l.lease.body.worker);
+                            gone.push((l.lease.body.worker, l.lease_cid));
                         }
                     }
                     if now >= r.spec.deadline {
@@ -593,9 +614,18 @@ impl Coordinator {
                 })?
                 .unwrap_or_default()
         };
-        for w in expired {
-            info!(worker = %hex::encode(w.0), "lease timed out; reassigning");
-            inner.reputation.record(&w.0, Outcome::TimedOut, now)?;
+        for (w, lease) in expired {
+            let inherited = inner
+                .inherited
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .remove(&lease);
+            if inherited {
+                info!(worker = %hex::encode(w.0), "lease from before the restart timed out; reassigning, not charged");
+            } else {
+                info!(worker = %hex::encode(w.0), "lease timed out; reassigning");
+                inner.reputation.record(&w.0, Outcome::TimedOut, now)?;
+            }
         }
 
         // 2. Pin the primary's snapshot once its claim is in.
