@@ -227,6 +227,13 @@ impl Gateway {
         }
         let idempotency = Idempotency::new(parts.state.clone())
             .with_stale_resolver(tasks::stale_resolver(&parts));
+        // Acceptance and payment in one commit when the rail is in the coordinator's
+        // database (always in `d402 node`).
+        if Arc::ptr_eq(parts.rail.database(), parts.coordinator.tasks().database()) {
+            parts
+                .coordinator
+                .on_acceptance(tasks::capture_on_acceptance(parts.rail.clone()));
+        }
         let app = Arc::new(AppState {
             config,
             idempotency,

@@ -29,7 +29,7 @@ use axum::{
     response::{IntoResponse, Response},
 };
 use base64::Engine as _;
-use redb::TableDefinition;
+use redb::{ReadableTable, TableDefinition};
 use serde::{Deserialize, Serialize};
 
 use d402_runtime::policy::SystemResolver;
@@ -56,6 +56,7 @@ use super::{
 };
 use crate::{
     market::{
+        coordinator::AcceptHook,
         now_ms,
         tasks::{ClaimJudgement, Phase, TaskRecord, TaskSpec, Tasks},
     },
@@ -533,6 +534,15 @@ pub fn settle(
 ) -> Result<Settlement, RailError> {
     let id = paid.task_id;
     let now = now_ms();
+    // Captured already, with the acceptance (see `capture_on_acceptance`) or by an earlier
+    // attempt: that receipt stands (the record may have gained a late claim since, which
+    // must not make a second plan).
+    if let Some(e) = rail.escrow(id)?
+        && e.state == EscrowState::Captured
+        && let Some(receipt) = e.receipt
+    {
+        return Ok(Settlement::Captured(receipt));
+    }
     let accepted = rec.filter(|r| r.phase == Phase::Accepted);
     let result = match accepted {
         Some(r) => {
@@ -673,6 +683,32 @@ pub fn answer(
             let mut r = json_response(status, &body);
             r.headers.push((header_name.to_string(), header));
             r
+        }
+    })
+}
+
+/// The hook that captures a paid task's payment inside the transaction that accepts it
+/// (registered by [`crate::gateway::Gateway::start`] when the rail and the coordinator
+/// share the database): one commit for acceptance and payment, and a task can no longer be
+/// accepted while its payment stays locked. A task without a `PaidTask` row (not sold over
+/// HTTP) is left alone; a refused capture (logged) leaves the transaction untouched and
+/// [`settle`] decides after the run as before.
+pub fn capture_on_acceptance(rail: Arc<LocalRail>) -> AcceptHook {
+    Arc::new(move |txn, rec| {
+        let id = rec.spec.task_id;
+        let paid: Option<PaidTask> = match txn.open_table(PAID_TASKS) {
+            Ok(t) => match t.get(&id.0[..]) {
+                Ok(Some(v)) => decode("gateway_tasks", v.value(), MAX_PAID_TASK).ok(),
+                _ => None,
+            },
+            Err(_) => None,
+        };
+        let Some(paid) = paid else {
+            return;
+        };
+        let plan = capture_plan(rec, &paid.commission);
+        if let Err(e) = rail.capture_in(txn, id, &plan, now_ms()) {
+            warn!(task = %id, error = %e, "capture with the acceptance refused; settling after the run");
         }
     })
 }

@@ -164,10 +164,18 @@ struct Inner {
     /// worker is not charged a timeout, because its claim may have reached the gateway that
     /// died (an inline claim in a lease's answer has no acknowledgement to retry on).
     inherited: Mutex<HashSet<Cid>>,
+    /// Called inside the transaction that accepts a task ([`Coordinator::on_acceptance`]).
+    accept_hook: std::sync::OnceLock<AcceptHook>,
     /// Providers found per manifest CID and when they were looked up: a DHT walk per task
     /// would dominate a paid task's latency, so one walk serves [`PROVIDER_TTL`].
     providers: Mutex<HashMap<Cid, (Instant, Vec<Provider>)>>,
 }
+
+/// What runs inside the transaction that accepts a task, with the accepted record: the
+/// gateway captures the task's payment there, so that acceptance and payment commit
+/// together. It must leave the transaction untouched when it fails (the rail's `_in`
+/// forms do), and it cannot stop the acceptance.
+pub type AcceptHook = Arc<dyn Fn(&redb::WriteTransaction, &TaskRecord) + Send + Sync>;
 
 /// A peer to ask for a bid, with the addresses to dial it at.
 type Provider = (PeerId, Vec<Multiaddr>);
@@ -214,6 +222,7 @@ impl Coordinator {
                 tasks,
                 joint,
                 inherited: Mutex::default(),
+                accept_hook: std::sync::OnceLock::new(),
                 reputation,
                 blobs,
                 cfg,
@@ -221,6 +230,12 @@ impl Coordinator {
                 providers: Mutex::default(),
             }),
         }
+    }
+
+    /// Sets the hook run inside every acceptance's transaction (once; a second call is
+    /// ignored and returns false).
+    pub fn on_acceptance(&self, hook: AcceptHook) -> bool {
+        self.inner.accept_hook.set(hook).is_ok()
     }
 
     /// The persisted tasks.
@@ -1122,6 +1137,9 @@ impl Coordinator {
         r.accepted_output = Some(output_cid);
         r.phase = Phase::Accepted;
         r.updated_at = now;
+        if let Some(hook) = self.inner.accept_hook.get() {
+            hook(txn, r);
+        }
         if self.inner.joint {
             for (w, judgement) in &judged {
                 self.inner
