@@ -19,7 +19,7 @@ use std::{collections::BTreeMap, net::SocketAddr};
 use d402_capabilities::{CapabilityRegistration, registration::Registration};
 use d402_node::{
     capstore::{self, CapStore},
-    gateway::{Gateway, GatewayConfig, GatewayParts, GatewayPolicy, GatewaySettings},
+    gateway::{GatewayPolicy, GatewaySettings},
     market::{now_ms, worker::WorkerConfig},
 };
 use d402_protocol::{Chain, PublicKey, RailKind, SigningKey};
@@ -27,7 +27,7 @@ use d402_settlement::{
     Asset, client, wallet,
     x402::{PAYMENT_REQUIRED, PAYMENT_RESPONSE, PAYMENT_SIGNATURE, SettlementResponse},
 };
-use gateway_support::{balance, gateway_with_rail, http, json_of};
+use gateway_support::{balance, gateway_with_rail, http, json_of, start_http};
 use market_support::*;
 use serde_json::{Value, json};
 
@@ -83,18 +83,7 @@ async fn paid_task_splits_to_the_unit_replay_refused_no_workers_refunded() {
     settings.require_signed_capability_registration = true;
     settings.max_creator_commission_bps = Some(2_000);
     let policy = GatewayPolicy::new(&settings, &[resolved]).unwrap();
-    let gateway = Gateway::start(
-        GatewayConfig::new("127.0.0.1:0".parse().unwrap(), true),
-        GatewayParts {
-            rail: rail.clone(),
-            coordinator: gw.coordinator.clone().unwrap(),
-            net: gw.net.clone(),
-            state: gw.state.clone(),
-            policy,
-        },
-    )
-    .await
-    .unwrap();
+    let gateway = start_http(&gw, &rail, policy).await;
     let addr = gateway.local_addr();
 
     // Three workers, each paid to its own local wallet.
@@ -415,18 +404,7 @@ async fn crash_after_the_lock(with_record: bool) {
         &[resolved],
     )
     .unwrap();
-    let gateway = Gateway::start(
-        GatewayConfig::new("127.0.0.1:0".parse().unwrap(), true),
-        GatewayParts {
-            rail: rail.clone(),
-            coordinator: gw.coordinator.clone().unwrap(),
-            net: gw.net.clone(),
-            state: gw.state.clone(),
-            policy,
-        },
-    )
-    .await
-    .unwrap();
+    let gateway = start_http(&gw, &rail, policy).await;
     let settled = eventually("the locked payment is settled", || {
         let rail = rail.clone();
         async move {

@@ -18,7 +18,7 @@ use std::{net::SocketAddr, time::Duration};
 use d402_capabilities::{CapabilityRegistration, Manifest, registration::Registration};
 use d402_node::{
     capstore::{ResolvedCapability, Source},
-    gateway::{Gateway, GatewayConfig, GatewayParts, GatewayPolicy, GatewaySettings},
+    gateway::{GatewayPolicy, GatewaySettings},
     market::{now_ms, worker::WorkerConfig},
 };
 use d402_protocol::{Chain, Cid, RailKind, SigningKey};
@@ -26,7 +26,7 @@ use d402_settlement::{
     Asset, wallet,
     x402::{PAYMENT_REQUIRED, PAYMENT_RESPONSE, PAYMENT_SIGNATURE},
 };
-use gateway_support::{balance, gateway_with_rail, http, json_of};
+use gateway_support::{balance, gateway_with_rail, http, json_of, start_http};
 use market_support::*;
 use serde_json::{Value, json};
 
@@ -104,18 +104,7 @@ async fn policy_refuses_before_payment_and_idempotency_charges_once() {
         d402_protocol::PublicKey::from(publisher.verifying_key()),
     )];
     let policy = GatewayPolicy::new(&settings, &offers).unwrap();
-    let gateway = Gateway::start(
-        GatewayConfig::new("127.0.0.1:0".parse().unwrap(), true),
-        GatewayParts {
-            rail: rail.clone(),
-            coordinator: gw.coordinator.clone().unwrap(),
-            net: gw.net.clone(),
-            state: gw.state.clone(),
-            policy,
-        },
-    )
-    .await
-    .unwrap();
+    let gateway = start_http(&gw, &rail, policy).await;
     let addr = gateway.local_addr();
 
     // Workers that wait before claiming, so that a request stays running for a while.

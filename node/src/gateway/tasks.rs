@@ -386,7 +386,7 @@ async fn create_inner(
                 app2.coordinator.run_task(task.spec).await
             };
             let rec = match ran {
-                Ok(rec) => Some(rec),
+                Ok(rec) => Some(with_late_claims(&app2, rec).await),
                 Err(e) => {
                     warn!(error = %e, "task failed in the coordinator");
                     app2.coordinator.tasks().get(&task_id).ok().flatten()
@@ -687,12 +687,44 @@ pub fn answer(
     })
 }
 
+/// How long an accepted task waits for the claims of leases still open before it is
+/// settled: an agreeing claim that lands just after the quorum is paid too.
+pub const LATE_CLAIM_GRACE: std::time::Duration = std::time::Duration::from_millis(250);
+
+/// `rec` once no lease of an accepted task is open any more, or after [`LATE_CLAIM_GRACE`]
+/// (re-read from the database). Any other record is returned as is.
+async fn with_late_claims(app: &Arc<AppState>, rec: TaskRecord) -> TaskRecord {
+    let open = |r: &TaskRecord| r.leases.iter().any(|l| l.is_open());
+    if rec.phase != Phase::Accepted || !open(&rec) {
+        return rec;
+    }
+    let id = rec.spec.task_id;
+    let until = Instant::now() + LATE_CLAIM_GRACE;
+    let mut last = rec;
+    while Instant::now() < until {
+        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+        match app.coordinator.tasks().get(&id) {
+            Ok(Some(r)) => {
+                let done = !open(&r);
+                last = r;
+                if done {
+                    break;
+                }
+            }
+            _ => break,
+        }
+    }
+    last
+}
+
 /// The hook that captures a paid task's payment inside the transaction that accepts it
 /// (registered by [`crate::gateway::Gateway::start`] when the rail and the coordinator
 /// share the database): one commit for acceptance and payment, and a task can no longer be
-/// accepted while its payment stays locked. A task without a `PaidTask` row (not sold over
-/// HTTP) is left alone; a refused capture (logged) leaves the transaction untouched and
-/// [`settle`] decides after the run as before.
+/// accepted while its payment stays locked. Only when no lease of the task is still open
+/// (otherwise a late agreeing claim would go unpaid: the task is settled after the run). A
+/// task without a `PaidTask` row (not sold over HTTP) is left alone; a refused capture
+/// (logged) leaves the transaction untouched and [`settle`] decides after the run as
+/// before.
 pub fn capture_on_acceptance(rail: Arc<LocalRail>) -> AcceptHook {
     Arc::new(move |txn, rec| {
         let id = rec.spec.task_id;
@@ -703,7 +735,9 @@ pub fn capture_on_acceptance(rail: Arc<LocalRail>) -> AcceptHook {
             },
             Err(_) => None,
         };
-        let Some(paid) = paid else {
+        // Leases still open may bring agreeing claims that are to be paid too: such a task
+        // is settled after the run (`with_late_claims`, then `settle`).
+        let Some(paid) = paid.filter(|_| !rec.leases.iter().any(|l| l.is_open())) else {
             return;
         };
         let plan = capture_plan(rec, &paid.commission);

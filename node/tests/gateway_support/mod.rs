@@ -5,7 +5,10 @@
 
 use std::{net::SocketAddr, path::Path, sync::Arc};
 
-use d402_node::market::{now_ms, reputation::Policy};
+use d402_node::{
+    gateway::{Gateway, GatewayConfig, GatewayParts, GatewayPolicy},
+    market::{now_ms, reputation::Policy},
+};
 use d402_protocol::SigningKey;
 use d402_settlement::{LocalRail, LocalRailConfig, client, x402::PAYMENT_REQUIRED};
 use http_body_util::{BodyExt, Full};
@@ -28,6 +31,23 @@ pub async fn gateway_with_rail(dir: &Path, rail_key: SigningKey) -> (MarketNode,
     )
     .unwrap();
     (gw, Arc::new(rail))
+}
+
+/// The HTTP gateway on 127.0.0.1 (any port) over `gw`'s coordinator and `rail`, with
+/// `policy`, the local wallet endpoints on.
+pub async fn start_http(gw: &MarketNode, rail: &Arc<LocalRail>, policy: GatewayPolicy) -> Gateway {
+    Gateway::start(
+        GatewayConfig::new("127.0.0.1:0".parse().unwrap(), true),
+        GatewayParts {
+            rail: rail.clone(),
+            coordinator: gw.coordinator.clone().unwrap(),
+            net: gw.net.clone(),
+            state: gw.state.clone(),
+            policy,
+        },
+    )
+    .await
+    .unwrap()
 }
 
 /// One HTTP/1.1 request over a fresh connection: status, headers and body.
