@@ -428,7 +428,12 @@ async fn crash_after_the_lock(with_record: bool) {
         // Resumed, run by the worker, accepted and paid out.
         assert_eq!(settled, d402_settlement::EscrowState::Captured);
         assert_eq!(got["status"], "completed", "{got}");
-        assert_eq!(worker.worker.as_ref().unwrap().claims_sent(), 1);
+        let w = worker.worker.clone().unwrap();
+        eventually("the worker's claim acknowledged", || {
+            let w = w.clone();
+            async move { (w.claims_sent() == 1).then_some(()) }
+        })
+        .await;
         assert_eq!(rail.balance(&payer_addr).unwrap(), FUNDS - PRICE);
         let rec = coordinator.tasks().get(&task_id).unwrap().unwrap();
         assert_eq!(rec.phase, d402_node::market::tasks::Phase::Accepted);

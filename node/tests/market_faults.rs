@@ -996,7 +996,14 @@ async fn worker_redials_a_restarted_gateway_to_claim() {
     })
     .await;
     assert_eq!(done.phase, Phase::Accepted, "{:?}", done.phase);
-    assert_eq!(worker.worker.as_ref().unwrap().claims_sent(), 1);
+    // The claim's acknowledgement reaches the worker just after the gateway recorded it
+    // (and decided the task in the same commit).
+    let w = worker.worker.clone().unwrap();
+    eventually("the claim acknowledged", || {
+        let w = w.clone();
+        async move { (w.claims_sent() == 1).then_some(()) }
+    })
+    .await;
     worker.stop().await;
     gw.stop().await;
 }
