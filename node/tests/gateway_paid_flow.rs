@@ -27,7 +27,7 @@ use d402_settlement::{
     Asset, client, wallet,
     x402::{PAYMENT_REQUIRED, PAYMENT_RESPONSE, PAYMENT_SIGNATURE, SettlementResponse},
 };
-use gateway_support::{balance, gateway_with_rail, http, json_of, start_http};
+use gateway_support::{balance, funded_payer, gateway_with_rail, http, json_of, start_http};
 use market_support::*;
 use serde_json::{Value, json};
 
@@ -103,18 +103,7 @@ async fn paid_task_splits_to_the_unit_replay_refused_no_workers_refunded() {
     }
 
     // A payer funded by the dev faucet.
-    let payer = wallet::generate().unwrap();
-    let payer_addr = wallet::address(&payer);
-    let (status, _, body) = http(
-        addr,
-        "POST",
-        "/v1/local/faucet",
-        &[],
-        Some(json!({"address": payer_addr, "units": FUNDS.to_string()})),
-    )
-    .await;
-    assert_eq!(status, 200, "{}", String::from_utf8_lossy(&body));
-    assert_eq!(json_of(&body)["units"], FUNDS.to_string());
+    let (payer, payer_addr) = funded_payer(addr, FUNDS).await;
 
     // 1. No payment: 402 with both forms of the challenge.
     let (status, headers, body) = http(addr, "POST", "/v1/tasks", &[], Some(task_request())).await;

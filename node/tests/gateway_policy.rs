@@ -26,7 +26,7 @@ use d402_settlement::{
     Asset, wallet,
     x402::{PAYMENT_REQUIRED, PAYMENT_RESPONSE, PAYMENT_SIGNATURE},
 };
-use gateway_support::{balance, gateway_with_rail, http, json_of, start_http};
+use gateway_support::{balance, funded_payer, gateway_with_rail, http, json_of, start_http};
 use market_support::*;
 use serde_json::{Value, json};
 
@@ -125,17 +125,7 @@ async fn policy_refuses_before_payment_and_idempotency_charges_once() {
         workers.push(node);
     }
 
-    let payer = wallet::generate().unwrap();
-    let payer_addr = wallet::address(&payer);
-    let (status, _, body) = http(
-        addr,
-        "POST",
-        "/v1/local/faucet",
-        &[],
-        Some(json!({"address": payer_addr, "units": FUNDS.to_string()})),
-    )
-    .await;
-    assert_eq!(status, 200, "{}", String::from_utf8_lossy(&body));
+    let (payer, payer_addr) = funded_payer(addr, FUNDS).await;
 
     // 1. Refused before payment, with the reason; a payment header changes nothing.
     for (capability, reason) in [

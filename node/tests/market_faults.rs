@@ -101,11 +101,7 @@ async fn liar_is_rejected_loses_reputation_and_is_banned() {
     // The banned liar still bids, but is not leased.
     let spec = task(&offer, br#"{"n":4}"#, 3, 2);
     let id = spec.task_id;
-    let done = tokio::time::timeout(TIMEOUT, coord.run_task(spec))
-        .await
-        .unwrap()
-        .unwrap();
-    assert_eq!(done.phase, Phase::Accepted, "{done:?}");
+    run_accepted(&coord, spec, 2).await;
     // Let any stray lease land before looking.
     tokio::time::sleep(Duration::from_millis(500)).await;
     let rec = coord.tasks().get(&id).unwrap().unwrap();

@@ -96,6 +96,23 @@ pub fn json_of(body: &[u8]) -> Value {
         .unwrap_or_else(|e| panic!("not JSON ({e}): {}", String::from_utf8_lossy(body)))
 }
 
+/// A new payer funded with `units` by the gateway's dev faucet: its key and address.
+pub async fn funded_payer(addr: SocketAddr, units: u64) -> (SigningKey, String) {
+    let payer = d402_settlement::wallet::generate().unwrap();
+    let payer_addr = d402_settlement::wallet::address(&payer);
+    let (status, _, body) = http(
+        addr,
+        "POST",
+        "/v1/local/faucet",
+        &[],
+        Some(serde_json::json!({"address": payer_addr, "units": units.to_string()})),
+    )
+    .await;
+    assert_eq!(status, 200, "{}", String::from_utf8_lossy(&body));
+    assert_eq!(json_of(&body)["units"], units.to_string());
+    (payer, payer_addr)
+}
+
 /// A local-rail account's balance, through the gateway's wallet endpoint.
 pub async fn balance(addr: SocketAddr, who: &str) -> u64 {
     let (status, _, body) =
