@@ -97,3 +97,167 @@ async fn honest_quorum(window: Duration, inline: u64) {
     }
     gw.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn later_tasks_lease_on_standing_bids_and_a_worker_that_forgot_its_bid_is_asked_again() {
+    let dirs: Vec<_> = (0..4).map(|_| tempfile::tempdir().unwrap()).collect();
+    let offer = echo_offer(10);
+    let cfg = |i: usize| {
+        WorkerConfig::new(
+            vec![offer.clone()],
+            vec![RailKind::Local],
+            wallets(&format!("worker{i}")),
+        )
+    };
+    let mut workers = Vec::new();
+    for (i, d) in dirs[1..].iter().enumerate() {
+        workers.push(start_worker(d.path(), cfg(i)).await);
+    }
+    let gw = start_gateway(
+        dirs[0].path(),
+        seed(),
+        0,
+        coordinator_config(),
+        Policy::default(),
+    )
+    .await;
+    for w in &workers {
+        gw.net.connect(w.addr.clone()).await.unwrap();
+    }
+    let coord = gw.coordinator.clone().unwrap();
+    let bids_made = |ws: &[MarketNode]| -> Vec<u64> {
+        ws.iter()
+            .map(|w| w.worker.as_ref().unwrap().bids_made())
+            .collect()
+    };
+
+    // The first task asks for bids; each worker grants a standing bid.
+    let first = run_accepted(&coord, task(&offer, br#"{"n":1}"#, 3, 2), 3).await;
+    assert!(!first.standing);
+    assert!(first.bids.iter().all(|b| b.bid.body.uses > 1), "{first:?}");
+    assert_eq!(bids_made(&workers), vec![1, 1, 1]);
+
+    // The next ones are leased on those bids at once: no worker is asked again.
+    for n in 2..5 {
+        let input = format!(r#"{{"n":{n}}}"#);
+        let rec = run_accepted(&coord, task(&offer, input.as_bytes(), 3, 2), 3).await;
+        assert!(rec.standing, "task {n} asked for bids");
+        for l in &rec.leases {
+            assert!(
+                first.bids.iter().any(|b| b.bid_cid == l.lease.body.bid_cid),
+                "a lease cites a bid the first round did not get"
+            );
+        }
+    }
+    assert_eq!(bids_made(&workers), vec![1, 1, 1]);
+
+    // A restarted worker has forgotten its bid and refuses the lease citing it. With a
+    // quorum of 3 the task cannot do without it: the gateway drops that standing bid, asks
+    // for bids again and leases the restarted worker on its new bid.
+    let last = workers.pop().unwrap();
+    let restarted = restart_worker(last, dirs[3].path(), cfg(2)).await;
+    workers.push(restarted);
+    let rec = run_accepted(&coord, task(&offer, br#"{"n":9}"#, 3, 3), 3).await;
+    assert!(!rec.standing, "the task went back to bidding");
+    let fresh = workers[2].worker.as_ref().unwrap();
+    assert_eq!(fresh.bids_made(), 1);
+    assert_eq!(
+        rec.claims
+            .iter()
+            .filter(|c| c.judgement == ClaimJudgement::Accepted)
+            .count(),
+        3
+    );
+    for w in workers {
+        w.stop().await;
+    }
+    gw.stop().await;
+}
+
+/// The worker's side of a standing bid, driven directly: it covers each task once, as many
+/// tasks as its uses, and a single-use bid covers its own task only.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_standing_bid_covers_each_task_once_until_its_uses_run_out() {
+    use d402_node::{market::now_ms, net::peer_id_of};
+    use d402_protocol::{
+        Cid, Signed, SigningKey, TaskId,
+        messages::{BidRequest, BidResponse, Lease, LeaseAck},
+        types::MESSAGE_VERSION,
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let offer = echo_offer(10);
+    let mut cfg = WorkerConfig::new(vec![offer.clone()], vec![RailKind::Local], wallets("w"));
+    cfg.max_bid_uses = 2;
+    let node = start_worker(dir.path(), cfg).await;
+    let worker = node.worker.clone().unwrap();
+    let gw_key = SigningKey::from_bytes(&seed());
+    let gw = peer_id_of(&d402_protocol::PublicKey(gw_key.verifying_key().to_bytes())).unwrap();
+
+    let bid = |standing: u32| {
+        let spec = task(&offer, b"{}", 3, 2);
+        let req = BidRequest {
+            v: MESSAGE_VERSION,
+            task_id: spec.task_id,
+            capability: spec.capability.clone(),
+            manifest_cid: spec.manifest_cid,
+            input_cid: Cid::raw(&spec.input),
+            input_len: spec.input.len() as u64,
+            rail: spec.rail,
+            max_price: spec.budget.clone(),
+            deadline: spec.deadline,
+            standing,
+        };
+        match worker.on_bid_request(gw, Signed::sign(req, &gw_key).unwrap()) {
+            BidResponse::Bid(b) => *b,
+            other => panic!("no bid: {other:?}"),
+        }
+    };
+    let lease = |bid: &Signed<d402_protocol::messages::Bid>, task: TaskId, token: u64| {
+        let worker = worker.clone();
+        let l = Signed::sign(
+            Lease {
+                v: MESSAGE_VERSION,
+                task_id: task,
+                worker: bid.signer,
+                bid_cid: bid.cid().unwrap(),
+                manifest_cid: bid.body.manifest_cid,
+                input: b"{}".to_vec(),
+                snapshot_cid: None,
+                price: bid.body.price.clone(),
+                deadline: now_ms() + 20_000,
+                fencing_token: token,
+            },
+            &gw_key,
+        )
+        .unwrap();
+        async move {
+            let (tx, rx) = tokio::sync::oneshot::channel();
+            worker.on_lease(gw, l, tx);
+            match rx.await.unwrap() {
+                LeaseAck::Refused { reason } => Err(reason),
+                _ => Ok(()),
+            }
+        }
+    };
+    let code = |r: Result<(), String>| r.unwrap_err().split(':').next().unwrap().to_string();
+
+    // Asked for 5 uses, granted the worker's 2; its expiry is the worker's, not the task's.
+    let standing = bid(5);
+    assert_eq!(standing.body.uses, 2);
+    let (a, b, c) = (TaskId([1; 16]), TaskId([2; 16]), TaskId([3; 16]));
+    lease(&standing, a, 1).await.unwrap();
+    assert_eq!(code(lease(&standing, a, 2).await), "bid_used");
+    lease(&standing, b, 1).await.unwrap();
+    assert_eq!(code(lease(&standing, c, 1).await), "unknown_bid");
+
+    // A single-use bid covers the task it was asked for, and nothing else.
+    let single = bid(1);
+    assert_eq!(single.body.uses, 1);
+    assert_eq!(code(lease(&single, c, 1).await), "bid_mismatch");
+    lease(&single, single.body.task_id, 1).await.unwrap();
+    assert_eq!(
+        code(lease(&single, single.body.task_id, 2).await),
+        "unknown_bid"
+    );
+    node.stop().await;
+}

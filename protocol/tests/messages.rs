@@ -58,6 +58,30 @@ fn bid_round_trips_and_resists_tampering() {
 }
 
 #[test]
+fn standing_bids_round_trip_and_single_use_encodings_are_unchanged() {
+    let mut req = bid_request();
+    req.standing = 64;
+    exercise(req.clone());
+    let mut b = bid();
+    b.uses = 64;
+    exercise(b.clone());
+    // A single-use bid or request carries no count at all: its bytes are those of a peer
+    // that has never heard of standing bids, and it decodes with a count of 1.
+    let single = cbor::to_canonical(&bid()).unwrap();
+    let standing = cbor::to_canonical(&b).unwrap();
+    assert!(single.len() < standing.len());
+    let back: Bid = cbor::from_canonical(&single, 4096, "bid").unwrap();
+    assert_eq!(back.uses, 1);
+    // No bid covers zero leases or more than the cap.
+    for uses in [0, MAX_BID_USES + 1] {
+        b.uses = uses;
+        assert!(b.validate().is_err(), "uses {uses} was accepted");
+        req.standing = uses;
+        assert!(req.validate().is_err(), "standing {uses} was accepted");
+    }
+}
+
+#[test]
 fn lease_round_trips_and_resists_tampering() {
     exercise(lease());
 }

@@ -1,9 +1,11 @@
 //! The gateway's coordinator: buys one task from untrusted workers.
 //!
 //! Bidding: candidates are the providers of the manifest CID (Kademlia and rendezvous) and
-//! the connected peers; bid requests go out in parallel; valid bids are ranked with
-//! [`selection::select`] within [`selection::per_worker_max`] of the budget (each bid not
-//! chosen is logged with its reason). Leasing: the primary (best bid) is leased first with
+//! the connected peers; bid requests go out in parallel, each asking for a standing bid
+//! ([`super::standing`]); valid bids are ranked with [`selection::select`] within
+//! [`selection::per_worker_max`] of the budget (each bid not chosen is logged with its
+//! reason). A new task whose gateway holds `fanout` eligible standing bids skips the round
+//! and is ranked and leased on those at once. Leasing: the primary (best bid) is leased first with
 //! no snapshot pinned; when its claim names a snapshot, the coordinator fetches it from the
 //! primary over `/d402/blob/1`, checks it is plausible (length, final URL host, status) and
 //! pins it; the next bids are leased with that snapshot CID and fetch it from this node.
@@ -21,7 +23,9 @@ use std::{
 
 use d402_protocol::{
     Cid, Signed, SigningKey, TaskId,
-    messages::{BidRequest, BidResponse, Claim, ClaimAck, Lease, LeaseAck, VerdictOutcome},
+    messages::{
+        BidRequest, BidResponse, Claim, ClaimAck, Lease, LeaseAck, MAX_BID_USES, VerdictOutcome,
+    },
     types::MESSAGE_VERSION,
 };
 use futures::{FutureExt, StreamExt, future::join_all, stream::FuturesUnordered};
@@ -35,6 +39,7 @@ use super::{
     quorum::{self, Decision, Vote},
     reputation::{Outcome, Reputation},
     selection::{self, Candidate},
+    standing::{StandingBids, Wanted},
     tasks::{
         BidRec, ClaimJudgement, ClaimRec, LeaseRec, LeaseStatus, PassedBid, Phase, PinnedSnapshot,
         TaskRecord, TaskSpec, Tasks, VerdictRec,
@@ -136,6 +141,9 @@ pub struct CoordinatorConfig {
     /// Validators asked first (`--validator-peer`), before those found under
     /// [`super::validator::validator_key`].
     pub validator_peers: Vec<(PeerId, Vec<Multiaddr>)>,
+    /// How many leases each bid request asks the worker to cover ([`StandingBids`]); 1
+    /// asks every task's bids anew.
+    pub standing_bids: u32,
 }
 
 impl Default for CoordinatorConfig {
@@ -145,6 +153,7 @@ impl Default for CoordinatorConfig {
             lookup_timeout: Duration::from_secs(5),
             validators: 0,
             validator_peers: Vec::new(),
+            standing_bids: 256,
         }
     }
 }
@@ -169,6 +178,8 @@ struct Inner {
     /// Providers found per manifest CID and when they were looked up: a DHT walk per task
     /// would dominate a paid task's latency, so one walk serves [`PROVIDER_TTL`].
     providers: Mutex<HashMap<Cid, (Instant, Vec<Provider>)>>,
+    /// Standing bids received, to lease new tasks on without a bid round.
+    standing: StandingBids,
 }
 
 /// What runs inside the transaction that accepts a task, with the accepted record: the
@@ -186,6 +197,10 @@ pub const PROVIDER_TTL: Duration = Duration::from_secs(30);
 /// How long a lookup that found no provider is reused (the connected peers are asked for
 /// bids all the same).
 pub const PROVIDER_MISS_TTL: Duration = Duration::from_secs(2);
+
+/// A standing bid is leased on only while it has this long left to live (a lease must
+/// reach the worker before the bid lapses).
+pub const STANDING_MARGIN: Duration = Duration::from_secs(2);
 
 /// The coordinator. Cheap to clone.
 #[derive(Clone)]
@@ -228,6 +243,7 @@ impl Coordinator {
                 cfg,
                 wake: Mutex::default(),
                 providers: Mutex::default(),
+                standing: StandingBids::default(),
             }),
         }
     }
@@ -460,11 +476,111 @@ impl Coordinator {
         out
     }
 
+    /// The bids of a task's first round from the standing bids alone, when `fanout` of them
+    /// are eligible: the chosen ones' uses reserved, chosen first, then the replacements.
+    fn standing_choice(
+        &self,
+        spec: &TaskSpec,
+        fanout: usize,
+        max_each: u64,
+        now: u64,
+    ) -> Result<Option<Vec<BidRec>>, CoordinatorError> {
+        let inner = &self.inner;
+        if inner.cfg.standing_bids <= 1 {
+            return Ok(None);
+        }
+        let usable = inner.standing.usable(Wanted {
+            manifest: &spec.manifest_cid,
+            rail: spec.rail,
+            asset: &spec.budget.asset,
+            max_each,
+            valid_until: now.saturating_add(STANDING_MARGIN.as_millis() as u64),
+        });
+        if usable.len() < fanout {
+            return Ok(None);
+        }
+        let mut cands = Vec::with_capacity(usable.len());
+        for (i, (_, bid, _)) in usable.iter().enumerate() {
+            let record = inner.reputation.get(&bid.signer.0)?;
+            cands.push(Candidate {
+                worker: (bid.signer.0, i),
+                price: bid.body.price.units,
+                score: record.score(),
+                ineligible: record.ineligible(now, inner.reputation.policy()),
+            });
+        }
+        let sel = selection::select(cands, fanout, max_each);
+        let chosen: Vec<Cid> = sel.chosen.iter().map(|c| usable[c.worker.1].2).collect();
+        if chosen.len() < fanout || !inner.standing.reserve(&chosen) {
+            return Ok(None);
+        }
+        let bids = sel
+            .chosen
+            .iter()
+            .map(|c| (c, true))
+            .chain(sel.replacements().map(|c| (c, false)))
+            .map(|(c, reserved)| {
+                let (peer, bid, bid_cid) = &usable[c.worker.1];
+                BidRec {
+                    peer: peer.to_bytes(),
+                    bid: (**bid).clone(),
+                    bid_cid: *bid_cid,
+                    used: false,
+                    reserved,
+                }
+            })
+            .collect();
+        Ok(Some(bids))
+    }
+
+    /// Commits a round's ranked bids with the first leases, then sends those: the primary
+    /// alone when its snapshot is to be pinned, else `fanout` at once.
+    async fn commit_bids(
+        &self,
+        id: TaskId,
+        bids: Vec<BidRec>,
+        passed: Vec<PassedBid>,
+        standing: bool,
+        now: u64,
+    ) -> Result<(), CoordinatorError> {
+        let first = self
+            .blocking(move |c| {
+                c.inner.tasks.update(&id, |r| {
+                    r.bids = bids;
+                    r.passed = passed;
+                    r.standing = standing;
+                    r.updated_at = now;
+                    if r.bids.is_empty() {
+                        r.phase = Phase::Failed {
+                            reason: "no usable bids".into(),
+                        };
+                        return Ok::<_, CoordinatorError>(Vec::new());
+                    }
+                    r.phase = Phase::Leasing;
+                    c.issue_leases(r, leases_wanted(r), now_ms())
+                })
+            })
+            .await?
+            .unwrap_or_default();
+        self.send_leases(&id, &first).await
+    }
+
     async fn bid_round(&self, rec: &TaskRecord) -> Result<(), CoordinatorError> {
         let spec = &rec.spec;
         let inner = &self.inner;
         let fanout = spec.fanout.max(1) as usize;
         let max_each = selection::per_worker_max(spec.budget.units, fanout);
+        // A task's first round leases on standing bids when there are enough; a task that
+        // comes back to bidding asks the network.
+        if rec.bids.is_empty()
+            && rec.leases.is_empty()
+            && let Some(bids) = self.standing_choice(spec, fanout, max_each, now_ms())?
+        {
+            info!(bids = bids.len(), "leasing on standing bids");
+            return self
+                .commit_bids(spec.task_id, bids, Vec::new(), true, now_ms())
+                .await;
+        }
         let req = Signed::sign(
             BidRequest {
                 v: MESSAGE_VERSION,
@@ -479,6 +595,7 @@ impl Coordinator {
                     units: max_each,
                 },
                 deadline: spec.deadline,
+                standing: inner.cfg.standing_bids.clamp(1, MAX_BID_USES),
             },
             &inner.key,
         )?;
@@ -556,39 +673,28 @@ impl Coordinator {
             .chain(sel.replacements())
             .map(|c| c.worker.1)
             .collect();
+        let chosen = sel.chosen.len();
         let mut bids = Vec::new();
-        for i in order {
+        for (rank, i) in order.into_iter().enumerate() {
             let (peer, bid) = &valid[i];
+            let bid_cid = bid.cid()?;
+            // Standing bids go to the book for the next tasks, less the use this task's
+            // lease takes if the bid is chosen.
+            let reserved = rank < chosen && bid.body.uses > 1;
+            inner
+                .standing
+                .keep(*peer, bid, bid_cid, u32::from(reserved), now);
             bids.push(BidRec {
                 peer: peer.to_bytes(),
-                bid_cid: bid.cid()?,
+                bid_cid,
                 bid: bid.clone(),
                 used: false,
+                reserved,
             });
         }
-        info!(bids = bids.len(), chosen = sel.chosen.len(), "bids ranked");
-        // The ranked bids and the first leases commit together, then the leases go out: the
-        // primary alone when its snapshot is to be pinned, else `fanout` at once.
-        let id = spec.task_id;
-        let first = self
-            .blocking(move |c| {
-                c.inner.tasks.update(&id, |r| {
-                    r.bids = bids;
-                    r.passed = passed;
-                    r.updated_at = now;
-                    if r.bids.is_empty() {
-                        r.phase = Phase::Failed {
-                            reason: "no usable bids".into(),
-                        };
-                        return Ok::<_, CoordinatorError>(Vec::new());
-                    }
-                    r.phase = Phase::Leasing;
-                    c.issue_leases(r, leases_wanted(r), now_ms())
-                })
-            })
-            .await?
-            .unwrap_or_default();
-        self.send_leases(&spec.task_id, &first).await
+        info!(bids = bids.len(), chosen, "bids ranked");
+        self.commit_bids(spec.task_id, bids, passed, false, now)
+            .await
     }
 
     /// One pass of the leasing phase: expire, decide, pin, lease more, wait. Returns the
@@ -720,12 +826,13 @@ impl Coordinator {
             if sent == 0
                 && open == 0
                 && now < rec.spec.deadline
-                && rec
-                    .bids
-                    .iter()
-                    .any(|b| !b.used && b.bid.body.expires_at <= now)
+                && (rec.standing
+                    || rec
+                        .bids
+                        .iter()
+                        .any(|b| !b.used && b.bid.body.expires_at <= now))
             {
-                info!("bids expired unused; asking for bids again");
+                info!("bids expired unused or standing bids spent; asking for bids again");
                 inner.tasks.update(&id, |r| {
                     r.phase = Phase::Bidding;
                     r.updated_at = now;
@@ -863,6 +970,11 @@ impl Coordinator {
                 &self.inner.key,
             )?;
             r.next_token += 1;
+            if b.bid.body.uses > 1 && !b.reserved {
+                // A replacement on a standing bid: its use is taken now (if the book has
+                // none left, the worker refuses the lease and the next bid is tried).
+                self.inner.standing.reserve(&[b.bid_cid]);
+            }
             let rec = LeaseRec {
                 peer: b.peer.clone(),
                 lease_cid: lease.cid()?,
@@ -932,6 +1044,12 @@ impl Coordinator {
         let statuses: Vec<(Cid, LeaseStatus)> = results
             .into_iter()
             .map(|(cid, ack)| {
+                if !matches!(ack, Ok(LeaseAck::Accepted | LeaseAck::Claimed(_)))
+                    && let Some(l) = to_send.iter().find(|l| l.lease_cid == cid)
+                    && inner.standing.forget(&l.lease.body.bid_cid)
+                {
+                    debug!(lease = %cid, "standing bid dropped");
+                }
                 let s = match ack {
                     Ok(LeaseAck::Accepted | LeaseAck::Claimed(_)) => {
                         accepted += 1;

@@ -9,7 +9,8 @@
 //!
 //! Driven over libp2p request-response ([`crate::net::codec`]):
 //! - [`worker`]: bids, leases, runs and claims;
-//! - [`coordinator`]: the gateway's side, persisted in [`tasks`];
+//! - [`coordinator`]: the gateway's side, persisted in [`tasks`], leasing on the
+//!   [`standing`] bids it holds when it can;
 //! - [`blobs`]: snapshots, manifests and modules by CID;
 //! - [`validator`]: re-runs a claim's deterministic step and signs a verdict;
 //! - [`service`]: dispatches inbound requests from the bounded queue;
@@ -22,6 +23,7 @@ pub mod quorum;
 pub mod reputation;
 pub mod selection;
 pub mod service;
+pub mod standing;
 pub mod tasks;
 pub mod validator;
 pub mod worker;

@@ -113,6 +113,10 @@ pub struct BidRec {
     pub bid_cid: Cid,
     /// A lease was sent for it.
     pub used: bool,
+    /// One use of this standing bid was counted in the gateway's book when it was chosen
+    /// (so leasing it does not count another).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub reserved: bool,
 }
 
 /// A bid that was refused or not chosen, and why (the gateway's "why idle" for the bidder).
@@ -222,6 +226,10 @@ pub struct TaskRecord {
     /// Signed verdicts received, in order of arrival (committed before they are acted on).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub verdicts: Vec<VerdictRec>,
+    /// The bids came from the gateway's standing bids, not from a round for this task: when
+    /// none of them can be leased any more, the task asks for bids instead of failing.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub standing: bool,
 }
 
 fn is_zero(n: &u32) -> bool {
@@ -255,6 +263,7 @@ impl TaskRecord {
             updated_at: now,
             validators: 0,
             verdicts: Vec::new(),
+            standing: false,
         }
     }
 }

@@ -20,7 +20,7 @@
 //!   at once.
 
 use std::{
-    collections::{BTreeMap, HashMap},
+    collections::{BTreeMap, HashMap, HashSet},
     sync::{
         Arc, Mutex,
         atomic::{AtomicU64, Ordering},
@@ -30,7 +30,7 @@ use std::{
 
 use d402_capabilities::Manifest;
 use d402_protocol::{
-    Amount, Cid, PublicKey, RailKind, Signed, SigningKey, Wallets,
+    Amount, Cid, PublicKey, RailKind, Signed, SigningKey, TaskId, Wallets,
     messages::{
         Bid, BidRequest, BidResponse, Claim, ClaimAck, DeclineReason, Lease, LeaseAck, SnapshotMeta,
     },
@@ -83,6 +83,9 @@ pub struct WorkerConfig {
     pub max_concurrent: usize,
     /// How long a bid stays valid without a lease.
     pub bid_ttl: Duration,
+    /// The most leases one standing bid covers (a gateway asks for a number; it gets at most
+    /// this). 1 makes every bid single-use.
+    pub max_bid_uses: u32,
     /// The least time before a request's deadline for a bid to be worth making.
     pub min_lead: Duration,
     /// How long the answer to a lease waits for the run: a run done by then answers with
@@ -103,6 +106,7 @@ impl WorkerConfig {
             payout,
             max_concurrent: 4,
             bid_ttl: Duration::from_secs(30),
+            max_bid_uses: 256,
             min_lead: Duration::from_millis(500),
             inline_claim_window: Duration::from_millis(100),
             #[cfg(feature = "test-faults")]
@@ -115,6 +119,10 @@ impl WorkerConfig {
 struct IssuedBid {
     bid: Bid,
     gateway: PublicKey,
+    /// Leases the bid may still cover.
+    uses_left: u32,
+    /// Tasks already leased under it (one lease per task and bid).
+    leased: HashSet<TaskId>,
 }
 
 struct Inner {
@@ -130,6 +138,7 @@ struct Inner {
     leases_accepted: AtomicU64,
     claims_sent: AtomicU64,
     claims_inline: AtomicU64,
+    bids_made: AtomicU64,
 }
 
 /// A worker. Cheap to clone.
@@ -196,6 +205,7 @@ impl Worker {
                 leases_accepted: AtomicU64::new(0),
                 claims_sent: AtomicU64::new(0),
                 claims_inline: AtomicU64::new(0),
+                bids_made: AtomicU64::new(0),
             }),
         }
     }
@@ -222,6 +232,11 @@ impl Worker {
     /// Of [`Worker::claims_sent`], those that answered their lease inline.
     pub fn claims_inline(&self) -> u64 {
         self.inner.claims_inline.load(Ordering::SeqCst)
+    }
+
+    /// Bids made since start (a standing bid counts once, however many leases it covers).
+    pub fn bids_made(&self) -> u64 {
+        self.inner.bids_made.load(Ordering::SeqCst)
     }
 
     fn decline(&self, peer: &PeerId, req: &BidRequest, d: DeclineReason) -> BidResponse {
@@ -303,6 +318,8 @@ impl Worker {
                 );
             }
         };
+        let uses = r.standing.clamp(1, inner.cfg.max_bid_uses.max(1));
+        let ttl = now.saturating_add(inner.cfg.bid_ttl.as_millis() as u64);
         let bid = Bid {
             v: MESSAGE_VERSION,
             task_id: r.task_id,
@@ -314,9 +331,9 @@ impl Worker {
             },
             rail: r.rail,
             payout: inner.cfg.payout.clone(),
-            expires_at: now
-                .saturating_add(inner.cfg.bid_ttl.as_millis() as u64)
-                .min(r.deadline),
+            // A single-use bid lapses with its task; a standing one outlives it.
+            expires_at: if uses > 1 { ttl } else { ttl.min(r.deadline) },
+            uses,
         };
         let signed = match Signed::sign(bid.clone(), &inner.key) {
             Ok(s) => s,
@@ -341,9 +358,12 @@ impl Worker {
             IssuedBid {
                 bid,
                 gateway: req.signer,
+                uses_left: uses,
+                leased: HashSet::new(),
             },
         );
-        debug!(%peer, task = %r.task_id, %bid_cid, "bid made");
+        inner.bids_made.fetch_add(1, Ordering::SeqCst);
+        debug!(%peer, task = %r.task_id, %bid_cid, uses, "bid made");
         BidResponse::Bid(Box::new(signed))
     }
 
@@ -408,12 +428,19 @@ impl Worker {
         if issued.bid.expires_at <= now {
             return Err(refuse("bid_expired"));
         }
-        if issued.bid.task_id != l.task_id
+        // A single-use bid covers its own task; a standing bid any task of its manifest and
+        // price, once each.
+        if (issued.bid.uses == 1 && issued.bid.task_id != l.task_id)
             || issued.bid.manifest_cid != l.manifest_cid
             || issued.bid.price != l.price
         {
             return Err(refuse(
                 "bid_mismatch: task, manifest or price differ from the bid",
+            ));
+        }
+        if issued.leased.contains(&l.task_id) {
+            return Err(refuse(
+                "bid_used: this bid already covers a lease of this task",
             ));
         }
         if l.deadline <= now {
@@ -431,12 +458,23 @@ impl Worker {
         let Ok(permit) = inner.slots.clone().try_acquire_owned() else {
             return Err(refuse("no_capacity"));
         };
-        // One lease per bid.
-        inner
-            .bids
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .remove(&l.bid_cid);
+        // The lease uses the bid up, or one of its uses. Checked again under the lock: two
+        // leases citing a bid's last use may arrive together.
+        {
+            let mut bids = inner.bids.lock().unwrap_or_else(|p| p.into_inner());
+            let Some(b) = bids.get_mut(&l.bid_cid) else {
+                return Err(refuse("unknown_bid: no bid of this worker has that CID"));
+            };
+            if b.uses_left == 0 || !b.leased.insert(l.task_id) {
+                return Err(refuse(
+                    "bid_used: this bid already covers a lease of this task",
+                ));
+            }
+            b.uses_left -= 1;
+            if b.uses_left == 0 {
+                bids.remove(&l.bid_cid);
+            }
+        }
         inner.leases_accepted.fetch_add(1, Ordering::SeqCst);
         info!("lease accepted");
         Ok((offer, permit))

@@ -160,8 +160,26 @@ pub async fn start_worker_with(
     runner: Runner,
     signing_seed: Option<[u8; 32]>,
 ) -> MarketNode {
-    let seed = seed();
-    let (node, net, addr, state) = start_net(dir, seed, 0).await;
+    start_worker_at(dir, cfg, runner, seed(), signing_seed, 0).await
+}
+
+/// Stops `old` and starts a worker with its key, directory and port again: the same peer,
+/// without what it held in memory (e.g. the bids it made).
+pub async fn restart_worker(old: MarketNode, dir: &Path, cfg: WorkerConfig) -> MarketNode {
+    let (seed, port) = (old.seed, old.port());
+    old.stop().await;
+    start_worker_at(dir, cfg, runner(), seed, None, port).await
+}
+
+async fn start_worker_at(
+    dir: &Path,
+    cfg: WorkerConfig,
+    runner: Runner,
+    seed: [u8; 32],
+    signing_seed: Option<[u8; 32]>,
+    port: u16,
+) -> MarketNode {
+    let (node, net, addr, state) = start_net(dir, seed, port).await;
     let blobs = BlobStore::new(64 * 1024 * 1024);
     let worker = Worker::new(
         SigningKey::from_bytes(&signing_seed.unwrap_or(seed)),

@@ -31,6 +31,29 @@ pub struct BidRequest {
     pub max_price: Amount,
     /// When the result is due.
     pub deadline: UnixMillis,
+    /// How many leases the gateway would like to place under the bid, this task's first:
+    /// 1 asks for a bid on this task alone; more asks for a standing bid that later tasks of
+    /// the same manifest, rail and price may cite until it expires (omitted when 1).
+    #[serde(default = "one", skip_serializing_if = "is_one")]
+    pub standing: u32,
+}
+
+/// The most leases one standing bid may cover.
+pub const MAX_BID_USES: u32 = 1024;
+
+fn one() -> u32 {
+    1
+}
+
+fn is_one(n: &u32) -> bool {
+    *n == 1
+}
+
+fn check_uses(field: &'static str, n: u32) -> Result<()> {
+    if n == 0 || n > MAX_BID_USES {
+        return Err(ProtocolError::field(field, "must be 1 to 1024"));
+    }
+    Ok(())
 }
 
 impl Signable for BidRequest {
@@ -45,7 +68,7 @@ impl Signable for BidRequest {
         if self.input_len > super::MAX_INPUT as u64 {
             return Err(ProtocolError::field("input_len", "above the input cap"));
         }
-        Ok(())
+        check_uses("standing", self.standing)
     }
 }
 
@@ -68,6 +91,12 @@ pub struct Bid {
     pub payout: Wallets,
     /// The bid lapses at this time unless a lease arrives.
     pub expires_at: UnixMillis,
+    /// How many leases the bid covers (omitted when 1). Above 1 it is a standing bid: a
+    /// lease for another task of the same manifest and price, from the gateway that asked,
+    /// may cite it until it expires or its uses run out; each task's lease is still checked
+    /// on its own and may be refused (e.g. no capacity).
+    #[serde(default = "one", skip_serializing_if = "is_one")]
+    pub uses: u32,
 }
 
 impl Signable for Bid {
@@ -89,7 +118,7 @@ impl Signable for Bid {
                 ),
             ));
         }
-        Ok(())
+        check_uses("uses", self.uses)
     }
 }
 

@@ -11,7 +11,7 @@ mod offer;
 mod receipt;
 mod verdict;
 
-pub use bid::{Bid, BidRequest, BidResponse, DeclineReason};
+pub use bid::{Bid, BidRequest, BidResponse, DeclineReason, MAX_BID_USES};
 pub use claim::{Claim, ClaimAck, SnapshotMeta};
 pub use lease::{Lease, LeaseAck};
 pub use offer::Offer;

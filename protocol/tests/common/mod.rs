@@ -62,6 +62,7 @@ pub fn bid_request() -> BidRequest {
         rail: RailKind::Local,
         max_price: usdc(3_000),
         deadline: 1_700_000_030_000,
+        standing: 1,
     }
 }
 
@@ -75,6 +76,7 @@ pub fn bid() -> Bid {
         rail: RailKind::Local,
         payout: wallets(),
         expires_at: 1_700_000_010_000,
+        uses: 1,
     }
 }
 
@@ -201,9 +203,10 @@ pub fn any_bid() -> impl Strategy<Value = Bid> {
         any_rail(),
         any_wallets(),
         any::<u64>(),
+        1..=d402_protocol::messages::MAX_BID_USES,
     )
         .prop_map(
-            |(t, request_cid, manifest_cid, price, rail, payout, expires_at)| Bid {
+            |(t, request_cid, manifest_cid, price, rail, payout, expires_at, uses)| Bid {
                 v: 1,
                 task_id: TaskId(t),
                 request_cid,
@@ -212,6 +215,7 @@ pub fn any_bid() -> impl Strategy<Value = Bid> {
                 rail,
                 payout,
                 expires_at,
+                uses,
             },
         )
 }
