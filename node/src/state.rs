@@ -1,9 +1,12 @@
 //! The node's database: one redb file, `node.redb`, under `--state`.
 //!
 //! [`State`] owns the writable handle. It opens the file in redb's
-//! [`ConcurrencyMode::SingleWriter`] mode: the running node is the one writer, and other
-//! processes (`d402 peers`, `d402 ops-monitor`) open it read-only at the same time through
-//! [`StateReader`] and see every committed transaction.
+//! [`ConcurrencyMode::ExclusiveWriter`] mode: the running node holds the file alone, and
+//! commits with one fsync (redb's modes that let other processes read beside a writer force
+//! a two-phase commit, two fsyncs, on every write). Other processes (`d402 peers`,
+//! `d402 ops-monitor`) ask a running node over its control socket
+//! ([`crate::market::ops`]) and open the file read-only through [`StateReader`] only when
+//! no node runs.
 //!
 //! Each subsystem keeps its tables in its own module (a `redb::TableDefinition` const named
 //! after the subsystem, e.g. `"offers"`, `"tasks"`, `"payments"`, `"reputation"`) and
@@ -158,7 +161,7 @@ impl State {
         }
         let path = db_path(state_dir);
         let db = Database::builder()
-            .set_concurrency_mode(ConcurrencyMode::SingleWriter)
+            .set_concurrency_mode(ConcurrencyMode::ExclusiveWriter)
             .create(&path)
             .map_err(|e| match e {
                 redb::DatabaseError::DatabaseAlreadyOpen => StateError::Locked(path.clone()),
@@ -236,7 +239,8 @@ impl State {
     }
 }
 
-/// A read-only view of a node's database, usable while the node runs.
+/// A read-only view of a node's database when no node runs ([`StateError::Locked`] while
+/// one does: ask it over its control socket instead).
 pub struct StateReader {
     db: ReadOnlyDatabase,
 }
@@ -252,7 +256,7 @@ impl StateReader {
             });
         }
         let db = redb::Builder::new()
-            .set_concurrency_mode(ConcurrencyMode::SingleWriter)
+            .set_concurrency_mode(ConcurrencyMode::ExclusiveWriter)
             .open_read_only(&path)
             .map_err(|e| match e {
                 redb::DatabaseError::DatabaseAlreadyOpen => StateError::Locked(path.clone()),
@@ -366,14 +370,23 @@ mod tests {
     }
 
     #[test]
-    fn reader_sees_commits_while_writer_is_open() {
+    fn reader_is_refused_while_the_writer_is_open_and_reads_after() {
         let dir = tempfile::tempdir().unwrap();
         let s = State::open(dir.path()).unwrap();
         s.upsert_peer(b"a", &peer(10)).unwrap();
-        let r = StateReader::open(dir.path()).unwrap();
-        assert_eq!(r.known_peers().unwrap().len(), 1);
         s.upsert_peer(b"b", &peer(11)).unwrap();
+        assert!(matches!(
+            StateReader::open(dir.path()),
+            Err(StateError::Locked(_))
+        ));
+        drop(s);
+        let r = StateReader::open(dir.path()).unwrap();
         assert_eq!(r.known_peers().unwrap().len(), 2);
+        // A reader keeps writers out in turn.
+        assert!(matches!(
+            State::open(dir.path()),
+            Err(StateError::Locked(_))
+        ));
     }
 
     #[test]

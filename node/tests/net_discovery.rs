@@ -5,7 +5,6 @@
 
 mod net_support;
 
-use d402_node::state::StateReader;
 use net_support::*;
 
 /// Bootstrap → worker → gateway: the gateway finds the worker's capability through the
@@ -65,9 +64,8 @@ async fn three_nodes_bootstrap_worker_gateway() {
     );
     assert!(boots[0].connected);
 
-    // Persisted: readable while the nodes run.
-    let reader = StateReader::open(dirs[2].path()).unwrap();
-    let persisted = reader.known_peers().unwrap();
+    // Persisted (read through the running node's own handle: it holds the file).
+    let persisted = gateway.state.known_peers().unwrap();
     let ids: Vec<Vec<u8>> = persisted.iter().map(|(id, _)| id.clone()).collect();
     assert!(ids.contains(&boot.peer_id().to_bytes()));
     assert!(ids.contains(&w.to_bytes()));
@@ -107,9 +105,9 @@ async fn restarted_gateway_reconnects_from_persisted_peers() {
     let g = gateway.peer_id();
     find(&gateway.handle, cap, w, |p| !p.addrs.is_empty()).await;
     eventually("gateway persisted the worker", || {
-        let dir = dirs[2].path().to_path_buf();
+        let state = gateway.state.clone();
         async move {
-            let peers = StateReader::open(&dir).ok()?.known_peers().ok()?;
+            let peers = state.known_peers().ok()?;
             peers
                 .iter()
                 .any(|(id, p)| *id == w.to_bytes() && !p.addrs.is_empty())

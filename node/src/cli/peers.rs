@@ -1,7 +1,8 @@
 //! `d402 peers --state DIR`: the peers a node has verified, from its database.
 //!
-//! The database is opened read-only beside the running node (redb's single-writer mode), so
-//! this works whether the node runs or not.
+//! A running node holds its database exclusively, so this asks it over its control socket
+//! (`peers`, see [`crate::market::ops`]); when no node runs, it opens the database
+//! read-only.
 
 use std::{
     path::PathBuf,
@@ -10,9 +11,11 @@ use std::{
 
 use anyhow::Context;
 use clap::Args;
-use libp2p::PeerId;
 
-use crate::state::StateReader;
+use crate::{
+    market::ops::{self, PeerEntry},
+    state::StateReader,
+};
 
 /// Arguments of `d402 peers`.
 #[derive(Debug, Args)]
@@ -25,38 +28,38 @@ pub struct PeersArgs {
     json: bool,
 }
 
-pub fn run(args: PeersArgs) -> anyhow::Result<()> {
+/// The known peers: from the running node, else from its database.
+fn known_peers(args: &PeersArgs) -> anyhow::Result<Vec<PeerEntry>> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")?;
+    if let Some(live) = rt
+        .block_on(ops::query_peers(&args.state))
+        .context("cannot ask the running node")?
+    {
+        return Ok(live);
+    }
     let reader = StateReader::open(&args.state)
         .with_context(|| format!("cannot read the state in {}", args.state.display()))?;
-    let peers = reader.known_peers()?;
+    Ok(ops::peer_entries(reader.known_peers()?))
+}
+
+pub fn run(args: PeersArgs) -> anyhow::Result<()> {
+    let peers = known_peers(&args)?;
     let now = SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_millis() as u64)
         .unwrap_or(0);
     if args.json {
-        let rows: Vec<serde_json::Value> = peers
-            .iter()
-            .map(|(id, p)| {
-                serde_json::json!({
-                    "peer_id": peer_text(id),
-                    "addrs": p.addrs,
-                    "protocols": p.protocols,
-                    "agent": p.agent,
-                    "kad_server": p.kad_server,
-                    "rendezvous_point": p.rendezvous_point,
-                    "first_seen_ms": p.first_seen_ms,
-                    "last_seen_ms": p.last_seen_ms,
-                })
-            })
-            .collect();
-        println!("{}", serde_json::to_string_pretty(&rows)?);
+        println!("{}", serde_json::to_string_pretty(&peers)?);
         return Ok(());
     }
     if peers.is_empty() {
         println!("no known peers");
         return Ok(());
     }
-    for (id, p) in &peers {
+    for PeerEntry { peer_id, peer: p } in &peers {
         let ago = now.saturating_sub(p.last_seen_ms) / 1000;
         let mut roles = Vec::new();
         if p.kad_server {
@@ -67,7 +70,7 @@ pub fn run(args: PeersArgs) -> anyhow::Result<()> {
         }
         println!(
             "{}  last seen {} ({}s ago)  {}  {}",
-            peer_text(id),
+            peer_id,
             p.last_seen_ms,
             ago,
             if roles.is_empty() {
@@ -83,10 +86,4 @@ pub fn run(args: PeersArgs) -> anyhow::Result<()> {
         println!("    protocols  {}", p.protocols.join(" "));
     }
     Ok(())
-}
-
-fn peer_text(id: &[u8]) -> String {
-    PeerId::from_bytes(id)
-        .map(|p| p.to_string())
-        .unwrap_or_else(|_| format!("invalid:{}", hex::encode(id)))
 }

@@ -3,7 +3,8 @@
 //! A running node serves a read-only JSON status on `<state>/control.sock` (a Unix socket,
 //! mode 0600 inside the 0700 state directory: only the node's owner can connect). The
 //! protocol is one line each way: the client writes `status\n`, the node answers one JSON
-//! object ([`Status`]) and a newline, and closes. The status has everything in the node's
+//! object ([`Status`]) and a newline, and closes; `peers\n` answers the verified peers of
+//! the node's database ([`PeerEntry`] array), for `d402 peers`. The status has everything in the node's
 //! database (peers, tasks, reputation, local-rail settlements) plus what lives only in
 //! memory: connected peers, a worker's decline counters ("why idle"), a validator's
 //! counters.
@@ -427,6 +428,33 @@ pub fn serve_control(state_dir: &Path, sources: ControlSources) -> Result<Contro
     Ok(ControlServer { path, task })
 }
 
+/// A verified peer as `peers` on the control socket and `d402 peers --json` show it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PeerEntry {
+    /// The PeerId (or `invalid:<hex>` for a row whose key does not parse).
+    pub peer_id: String,
+    /// What the node knows of it.
+    #[serde(flatten)]
+    pub peer: crate::state::KnownPeer,
+}
+
+/// Known peers from `(PeerId bytes, peer)` rows, in the same order.
+pub fn peer_entries(rows: Vec<(Vec<u8>, crate::state::KnownPeer)>) -> Vec<PeerEntry> {
+    rows.into_iter()
+        .map(|(id, peer)| PeerEntry {
+            peer_id: PeerId::from_bytes(&id)
+                .map(|p| p.to_string())
+                .unwrap_or_else(|_| format!("invalid:{}", hex::encode(&id))),
+            peer,
+        })
+        .collect()
+}
+
+fn error_body(code: &str, message: String) -> std::io::Result<Vec<u8>> {
+    serde_json::to_vec(&serde_json::json!({"error": {"code": code, "message": message}}))
+        .map_err(std::io::Error::other)
+}
+
 async fn answer(stream: UnixStream, sources: &ControlSources) -> std::io::Result<()> {
     let (read, mut write) = stream.into_split();
     let mut line = String::new();
@@ -437,15 +465,16 @@ async fn answer(stream: UnixStream, sources: &ControlSources) -> std::io::Result
     let body = match line.trim() {
         "status" => match sources.status().await {
             Ok(s) => serde_json::to_vec(&s).map_err(std::io::Error::other)?,
-            Err(e) => serde_json::to_vec(&serde_json::json!({
-                "error": {"code": "database_error", "message": e.to_string()}
-            }))
-            .map_err(std::io::Error::other)?,
+            Err(e) => error_body("database_error", e.to_string())?,
         },
-        other => serde_json::to_vec(&serde_json::json!({
-            "error": {"code": "unknown_request", "message": format!("unknown request {other:?}; send \"status\"")}
-        }))
-        .map_err(std::io::Error::other)?,
+        "peers" => match sources.state.known_peers() {
+            Ok(rows) => serde_json::to_vec(&peer_entries(rows)).map_err(std::io::Error::other)?,
+            Err(e) => error_body("database_error", e.to_string())?,
+        },
+        other => error_body(
+            "unknown_request",
+            format!("unknown request {other:?}; send \"status\" or \"peers\""),
+        )?,
     };
     write.write_all(&body).await?;
     write.write_all(b"\n").await?;
@@ -455,6 +484,20 @@ async fn answer(stream: UnixStream, sources: &ControlSources) -> std::io::Result
 /// Asks the node running on `state_dir` for its status. `Ok(None)` when no node answers
 /// (no socket, or a stale one).
 pub async fn query_control(state_dir: &Path) -> Result<Option<Status>, OpsError> {
+    ask(state_dir, "status").await
+}
+
+/// Asks the node running on `state_dir` for the peers in its database. `Ok(None)` when no
+/// node answers.
+pub async fn query_peers(state_dir: &Path) -> Result<Option<Vec<PeerEntry>>, OpsError> {
+    ask(state_dir, "peers").await
+}
+
+/// Sends `request` on the control socket and decodes the one JSON answer.
+async fn ask<T: serde::de::DeserializeOwned>(
+    state_dir: &Path,
+    request: &str,
+) -> Result<Option<T>, OpsError> {
     let path = state_dir.join(CONTROL_SOCKET);
     let mut stream = match UnixStream::connect(&path).await {
         Ok(s) => s,
@@ -472,7 +515,10 @@ pub async fn query_control(state_dir: &Path) -> Result<Option<Status>, OpsError>
         path: path.clone(),
         source,
     };
-    stream.write_all(b"status\n").await.map_err(io)?;
+    stream
+        .write_all(format!("{request}\n").as_bytes())
+        .await
+        .map_err(io)?;
     let mut buf = Vec::new();
     tokio::time::timeout(
         Duration::from_secs(30),
@@ -490,6 +536,14 @@ pub async fn query_control(state_dir: &Path) -> Result<Option<Status>, OpsError>
         return Err(OpsError::BadAnswer {
             path,
             reason: format!("over {MAX_STATUS} bytes"),
+        });
+    }
+    if let Ok(serde_json::Value::Object(o)) = serde_json::from_slice(&buf)
+        && let Some(err) = o.get("error")
+    {
+        return Err(OpsError::BadAnswer {
+            path,
+            reason: format!("the node answered {err}"),
         });
     }
     serde_json::from_slice(&buf)
@@ -591,6 +645,25 @@ mod tests {
         assert_eq!(s.peer_id, Some(node.peer_id().to_string()));
         assert_eq!(s.task_counts.get("accepted"), Some(&1));
         assert_eq!(s.reputation.len(), 2);
+        // The peers of the database, for `d402 peers` (the node holds the file).
+        state
+            .upsert_peer(
+                &node.peer_id().to_bytes(),
+                &crate::state::KnownPeer {
+                    addrs: vec!["/ip4/127.0.0.1/tcp/1".into()],
+                    protocols: vec![],
+                    agent: "test".into(),
+                    kad_server: true,
+                    rendezvous_point: false,
+                    first_seen_ms: 1,
+                    last_seen_ms: 2,
+                },
+            )
+            .unwrap();
+        let peers = query_peers(dir.path()).await.unwrap().unwrap();
+        assert_eq!(peers.len(), 1);
+        assert_eq!(peers[0].peer_id, node.peer_id().to_string());
+        assert!(peers[0].peer.kad_server);
         // A bad request gets a typed error, not a status.
         let mut c = UnixStream::connect(server.path()).await.unwrap();
         c.write_all(b"shutdown\n").await.unwrap();

@@ -39,6 +39,8 @@ pub struct TestNode {
     pub dir: PathBuf,
     pub seed: [u8; 32],
     pub role: Role,
+    /// The node's database (the node holds the file; read it through this handle).
+    pub state: State,
 }
 
 impl TestNode {
@@ -70,6 +72,7 @@ impl TestNode {
 
     pub async fn stop(self) -> (PathBuf, [u8; 32], Role) {
         self.node.shutdown().await;
+        drop(self.state);
         (self.dir, self.seed, self.role)
     }
 }
@@ -92,7 +95,7 @@ pub fn config(role: Role, boot: Vec<PeerSpec>) -> NetConfig {
 
 pub async fn start_with(dir: &Path, seed: [u8; 32], cfg: NetConfig, role: Role) -> TestNode {
     let state = State::open(dir).expect("open state");
-    let node = net::start(cfg, &SigningKey::from_bytes(&seed), state)
+    let node = net::start(cfg, &SigningKey::from_bytes(&seed), state.clone())
         .await
         .expect("node starts");
     let handle = node.handle();
@@ -110,6 +113,7 @@ pub async fn start_with(dir: &Path, seed: [u8; 32], cfg: NetConfig, role: Role) 
         dir: dir.to_path_buf(),
         seed,
         role,
+        state,
     }
 }
 
