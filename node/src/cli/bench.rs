@@ -89,8 +89,15 @@ pub(super) struct TmpDir(pub(super) PathBuf);
 
 impl TmpDir {
     pub(super) fn new() -> anyhow::Result<TmpDir> {
+        TmpDir::new_in(None)
+    }
+
+    /// A fresh directory under `base` (default: the system's temporary directory), removed
+    /// on drop.
+    pub(super) fn new_in(base: Option<&std::path::Path>) -> anyhow::Result<TmpDir> {
         static N: AtomicU64 = AtomicU64::new(0);
-        let p = std::env::temp_dir().join(format!(
+        let base = base.map_or_else(std::env::temp_dir, |b| b.to_path_buf());
+        let p = base.join(format!(
             "d402-bench-{}-{}",
             std::process::id(),
             N.fetch_add(1, Ordering::Relaxed)

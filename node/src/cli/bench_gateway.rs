@@ -72,6 +72,10 @@ pub struct GatewayArgs {
     /// completion or to this timeout before bids are asked).
     #[arg(long, default_value_t = 200)]
     lookup_timeout_ms: u64,
+    /// Where the nodes' databases go (default: the system's temporary directory). A tmpfs
+    /// such as /dev/shm takes the disk's fsync latency out of the numbers.
+    #[arg(long, value_name = "DIR")]
+    dir: Option<std::path::PathBuf>,
     /// Print the results as JSON.
     #[arg(long)]
     json: bool,
@@ -205,7 +209,7 @@ pub async fn gateway(args: GatewayArgs) -> anyhow::Result<()> {
         cfg.max_concurrent = WORKER_CONCURRENCY;
         let run = runner()?;
         let k = key.clone();
-        let (peer, _) = start_peer(&key, TmpDir::new()?, move |net, _| {
+        let (peer, _) = start_peer(&key, TmpDir::new_in(args.dir.as_deref())?, move |net, _| {
             let blobs = BlobStore::new(64 * 1024 * 1024);
             Ok(Services {
                 worker: Some(Worker::new(k, net.clone(), run, cfg, blobs.clone())),
@@ -219,7 +223,7 @@ pub async fn gateway(args: GatewayArgs) -> anyhow::Result<()> {
     }
 
     // The gateway: capability registered (signed, 10%) and imported into its store.
-    let gw_dir = TmpDir::new()?;
+    let gw_dir = TmpDir::new_in(args.dir.as_deref())?;
     let publisher = random_key()?;
     let creator = wallet::address(&random_key()?);
     let terms = Registration::for_manifest(

@@ -17,10 +17,7 @@
 use std::{
     net::Ipv4Addr,
     path::PathBuf,
-    sync::{
-        Arc,
-        atomic::{AtomicU64, Ordering},
-    },
+    sync::Arc,
     time::{Duration, Instant},
 };
 
@@ -31,6 +28,7 @@ use d402_protocol::{Amount, Chain, Cid, RailKind, SigningKey, TaskId};
 use d402_runtime::{Executor, ExecutorConfig, Grants, Runner, Snapshotters};
 use libp2p::{Multiaddr, multiaddr::Protocol};
 
+use super::bench::TmpDir;
 use crate::{
     market::{
         blobs::{self, BlobStore},
@@ -72,28 +70,6 @@ pub struct MarketArgs {
     /// Print the results as JSON.
     #[arg(long)]
     json: bool,
-}
-
-struct TmpDir(PathBuf);
-
-impl TmpDir {
-    fn new(base: &Option<PathBuf>) -> anyhow::Result<TmpDir> {
-        static N: AtomicU64 = AtomicU64::new(0);
-        let base = base.clone().unwrap_or_else(std::env::temp_dir);
-        let p = base.join(format!(
-            "d402-bench-market-{}-{}",
-            std::process::id(),
-            N.fetch_add(1, Ordering::Relaxed)
-        ));
-        std::fs::create_dir_all(&p)?;
-        Ok(TmpDir(p))
-    }
-}
-
-impl Drop for TmpDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
 }
 
 struct Peer {
@@ -160,7 +136,7 @@ async fn worker(
     base: &Option<PathBuf>,
 ) -> anyhow::Result<Peer> {
     let k = key()?;
-    let (node, net, addr, _state, dir) = start(&k, TmpDir::new(base)?).await?;
+    let (node, net, addr, _state, dir) = start(&k, TmpDir::new_in(base.as_deref())?).await?;
     let blobs = BlobStore::new(64 * 1024 * 1024);
     let payout = [(Chain::Local, format!("bench-worker-{i}"))]
         .into_iter()
@@ -259,7 +235,8 @@ pub async fn market(args: MarketArgs) -> anyhow::Result<()> {
         workers.push(worker(&offer, &runner, i, &args.dir).await?);
     }
     let gk = key()?;
-    let (gnode, gnet, _gaddr, gstate, _gdir) = start(&gk, TmpDir::new(&args.dir)?).await?;
+    let (gnode, gnet, _gaddr, gstate, _gdir) =
+        start(&gk, TmpDir::new_in(args.dir.as_deref())?).await?;
     let gblobs = BlobStore::new(64 * 1024 * 1024);
     let coord = Coordinator::new(
         gk,
@@ -343,7 +320,7 @@ pub async fn market(args: MarketArgs) -> anyhow::Result<()> {
 
     // One durable redb commit (what each coordinator step costs at least), in a scratch
     // table of a database of its own.
-    let scratch_dir = TmpDir::new(&args.dir)?;
+    let scratch_dir = TmpDir::new_in(args.dir.as_deref())?;
     let scratch = State::open(&scratch_dir.0)?;
     const SCRATCH: redb::TableDefinition<u64, u64> = redb::TableDefinition::new("bench_scratch");
     let mut commits = Vec::new();

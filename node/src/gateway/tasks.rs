@@ -351,8 +351,14 @@ async fn create_inner(
     // Lock the payment and record what was sold in one transaction, before any work; the
     // coordinator's task record joins it when the tables share the database (always in
     // `d402 node`), so a paid task is never without its record, and a crash resumes it.
-    let task = app.coordinator.new_record(spec);
+    // On standing bids the first leases are issued in the record too (sent once it commits).
     let joint = Arc::ptr_eq(app.rail.database(), app.coordinator.tasks().database());
+    let (task, leases) = if joint {
+        let p = app.coordinator.prepare(spec).map_err(internal)?;
+        (p.record, p.leases)
+    } else {
+        (app.coordinator.new_record(spec), Vec::new())
+    };
     let locked = {
         let rail = app.rail.clone();
         let paid = paid.clone();
@@ -381,7 +387,7 @@ async fn create_inner(
     let run = tokio::spawn(
         async move {
             let ran = if joint {
-                app2.coordinator.drive(task_id).await
+                app2.coordinator.launch(task_id, leases).await
             } else {
                 app2.coordinator.run_task(task.spec).await
             };
@@ -702,7 +708,7 @@ async fn with_late_claims(app: &Arc<AppState>, rec: TaskRecord) -> TaskRecord {
     let until = Instant::now() + LATE_CLAIM_GRACE;
     let mut last = rec;
     while Instant::now() < until {
-        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+        tokio::time::sleep(std::time::Duration::from_millis(1)).await;
         match app.coordinator.tasks().get(&id) {
             Ok(Some(r)) => {
                 let done = !open(&r);

@@ -28,7 +28,7 @@ use d402_protocol::{
     },
     types::MESSAGE_VERSION,
 };
-use futures::{FutureExt, StreamExt, future::join_all, stream::FuturesUnordered};
+use futures::{StreamExt, future::join_all, stream::FuturesUnordered};
 use libp2p::{Multiaddr, PeerId};
 use tokio::sync::Notify;
 use tracing::{Instrument, debug, info, info_span, warn};
@@ -188,6 +188,20 @@ struct Inner {
 /// forms do), and it cannot stop the acceptance.
 pub type AcceptHook = Arc<dyn Fn(&redb::WriteTransaction, &TaskRecord) + Send + Sync>;
 
+/// A new task's record with the leases issued in it ([`Coordinator::prepare`]).
+#[derive(Debug, Clone)]
+pub struct Prepared {
+    /// The record to commit.
+    pub record: TaskRecord,
+    /// The leases to send once it is committed (none when the task must ask for bids).
+    pub leases: Vec<LeaseRec>,
+}
+
+/// How long the claims answering a round of leases wait for each other once the first is
+/// in, so that claims of runs done together are recorded (and the task decided and paid)
+/// in one commit.
+pub const CLAIM_BATCH_WAIT: Duration = Duration::from_millis(3);
+
 /// A peer to ask for a bid, with the addresses to dial it at.
 type Provider = (PeerId, Vec<Multiaddr>);
 
@@ -301,12 +315,48 @@ impl Coordinator {
     /// Runs a new task to its end and returns its final record.
     pub async fn run_task(&self, spec: TaskSpec) -> Result<TaskRecord, CoordinatorError> {
         let id = spec.task_id;
-        let rec = self.new_record(spec);
+        let Prepared { record, leases } = self.prepare(spec)?;
         if !self
-            .blocking(move |c| Ok(c.inner.tasks.create(&rec)?))
+            .blocking(move |c| Ok(c.inner.tasks.create(&record)?))
             .await?
         {
             return Err(CoordinatorError::Exists(id));
+        }
+        self.launch(id, leases).await
+    }
+
+    /// A new task's record and, when the standing bids suffice ([`super::standing`]), its
+    /// first leases already issued in it: the caller commits the record (alone with
+    /// [`Tasks::create`], or in its own transaction with [`Tasks::create_in`]) and then
+    /// calls [`Coordinator::launch`], so that creation and leasing cost one commit.
+    pub fn prepare(&self, spec: TaskSpec) -> Result<Prepared, CoordinatorError> {
+        let mut record = self.new_record(spec);
+        let now = now_ms();
+        let fanout = record.spec.fanout.max(1) as usize;
+        let max_each = selection::per_worker_max(record.spec.budget.units, fanout);
+        let mut leases = Vec::new();
+        if let Some(bids) = self.standing_choice(&record.spec, fanout, max_each, now)? {
+            info!(task = %record.spec.task_id, bids = bids.len(), "leasing on standing bids");
+            record.bids = bids;
+            record.standing = true;
+            record.phase = Phase::Leasing;
+            let want = leases_wanted(&record);
+            leases = self.issue_leases(&mut record, want, now)?;
+        }
+        Ok(Prepared { record, leases })
+    }
+
+    /// Sends the leases [`Coordinator::prepare`] issued (their record committed), then
+    /// drives the task to its end.
+    pub async fn launch(
+        &self,
+        id: TaskId,
+        leases: Vec<LeaseRec>,
+    ) -> Result<TaskRecord, CoordinatorError> {
+        if !leases.is_empty() {
+            self.send_leases(&id, &leases)
+                .instrument(info_span!("task", task = %id))
+                .await?;
         }
         self.drive(id).await
     }
@@ -1025,7 +1075,8 @@ impl Coordinator {
         let mut results = Vec::with_capacity(to_send.len());
         while let Some(first) = pending.next().await {
             let mut ready = vec![first];
-            while let Some(Some(more)) = pending.next().now_or_never() {
+            let until = tokio::time::Instant::now() + CLAIM_BATCH_WAIT;
+            while let Ok(Some(more)) = tokio::time::timeout_at(until, pending.next()).await {
                 ready.push(more);
             }
             let claims: Vec<(PeerId, Signed<Claim>)> = ready
