@@ -5,6 +5,7 @@ pub mod capstore;
 pub mod cli;
 pub mod config;
 pub mod gateway;
+pub mod group_commit;
 pub mod keys;
 pub mod market;
 pub mod net;

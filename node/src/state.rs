@@ -16,6 +16,7 @@
 //! ([`encode`] / [`decode`]), so a damaged row is an error, never a panic. This module
 //! holds the tables every node has: [`META`] (schema version) and [`PEERS`].
 
+use crate::group_commit::{GroupCommit, GroupCommitError};
 use std::{
     fs,
     os::unix::fs::PermissionsExt,
@@ -131,6 +132,7 @@ pub fn decode<T: DeserializeOwned>(
 pub struct State {
     db: Arc<Database>,
     path: PathBuf,
+    group: Arc<GroupCommit>,
 }
 
 impl std::fmt::Debug for State {
@@ -170,6 +172,7 @@ impl State {
         let state = State {
             db: Arc::new(db),
             path,
+            group: Arc::default(),
         };
         state.write(|tx| {
             let mut meta = tx.open_table(META)?;
@@ -199,16 +202,29 @@ impl State {
         &self.db
     }
 
-    /// Runs `f` in one write transaction and commits it (durably) before returning. If `f`
-    /// fails nothing is written.
+    /// Runs `f` in one write transaction and returns once it is committed durably (writes
+    /// made together share one fsync: [`GroupCommit`]). If `f` fails nothing is written.
     pub fn write<R>(
         &self,
         f: impl FnOnce(&WriteTransaction) -> Result<R, StateError>,
     ) -> Result<R, StateError> {
-        let tx = self.db.begin_write()?;
-        let out = f(&tx)?;
-        tx.commit()?;
-        Ok(out)
+        self.write_with(f)?
+    }
+
+    /// [`State::write`] for a closure with its own error type: the outer error is the
+    /// database's, the inner one `f`'s (nothing written).
+    pub fn write_with<R, E>(
+        &self,
+        f: impl FnOnce(&WriteTransaction) -> Result<R, E>,
+    ) -> Result<Result<R, E>, StateError> {
+        self.group.write(&self.db, f).map_err(|e| match e {
+            GroupCommitError::Transaction(e) => e.into(),
+            GroupCommitError::Commit(e) => e.into(),
+            GroupCommitError::Durability(e) => StateError::Dir {
+                path: self.path.clone(),
+                reason: e.to_string(),
+            },
+        })
     }
 
     /// Runs `f` in one read transaction.

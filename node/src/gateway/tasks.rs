@@ -361,10 +361,25 @@ async fn create_inner(
     };
     let locked = {
         let rail = app.rail.clone();
+        let state = app.state.clone();
         let paid = paid.clone();
         let task = task.clone();
         tokio::task::spawn_blocking(move || {
-            lock_and_record(&rail, &paid, &verified, now, joint.then_some(&task))
+            let record = |txn: &redb::WriteTransaction| {
+                lock_and_record(txn, &rail, &paid, &verified, now, joint.then_some(&task))
+            };
+            // Through the node's group commit when the rail's tables are in its database
+            // (always in `d402 node`): concurrent payments share an fsync.
+            if Arc::ptr_eq(rail.database(), state.database()) {
+                state
+                    .write_with(record)
+                    .map_err(|e| state_error("node", e))?
+            } else {
+                let txn = rail.database().begin_write()?;
+                record(&txn)?;
+                txn.commit()?;
+                Ok(())
+            }
         })
         .await
         .map_err(internal)?
@@ -411,7 +426,21 @@ async fn create_inner(
     Ok((outcome, stored))
 }
 
+/// A node database error as the rail reports it.
+fn state_error(table: &'static str, e: StateError) -> RailError {
+    match e {
+        StateError::Db(e) => RailError::Storage(Box::new(e)),
+        other => RailError::Corrupt {
+            table,
+            reason: other.to_string(),
+        },
+    }
+}
+
+/// Locks the payment and records the paid task (and the coordinator's record, when given)
+/// in `txn`; the caller commits.
 fn lock_and_record(
+    txn: &redb::WriteTransaction,
     rail: &LocalRail,
     paid: &PaidTask,
     verified: &d402_settlement::VerifiedPayment,
@@ -422,20 +451,13 @@ fn lock_and_record(
         table: "gateway_tasks",
         reason: e.to_string(),
     })?;
-    let txn = rail.database().begin_write()?;
-    rail.lock_in(&txn, paid.task_id, verified, now)?;
+    rail.lock_in(txn, paid.task_id, verified, now)?;
     {
         let mut t = txn.open_table(PAID_TASKS)?;
         t.insert(&paid.task_id.0[..], bytes.as_slice())?;
     }
     if let Some(task) = task {
-        let created = Tasks::create_in(&txn, task).map_err(|e| match e {
-            StateError::Db(e) => RailError::Storage(Box::new(e)),
-            other => RailError::Corrupt {
-                table: "tasks",
-                reason: other.to_string(),
-            },
-        })?;
+        let created = Tasks::create_in(txn, task).map_err(|e| state_error("tasks", e))?;
         if !created {
             // Task ids are random; a clash aborts the transaction (nothing locked).
             return Err(RailError::Corrupt {
@@ -444,7 +466,6 @@ fn lock_and_record(
             });
         }
     }
-    txn.commit()?;
     Ok(())
 }
 

@@ -1,0 +1,269 @@
+//! Group commit for the node's redb database.
+//!
+//! A durable redb commit ends in an fsync, and redb has one writer at a time: with every
+//! write durable on its own, a busy gateway's writes queue behind each other's fsyncs and
+//! its throughput is one write per fsync. Here each write commits without durability
+//! ([`redb::Durability::None`]: visible at once, on disk only with the next durable commit)
+//! and its caller then waits until a durable commit covers it. Whoever waits first makes
+//! that durable commit (an empty write transaction, which persists every non-durable commit
+//! before it); callers that committed meanwhile wait for it, or for the next one, and share
+//! its fsync. Nobody returns, so nothing is acknowledged, before its write is on disk. A
+//! write that starts while no other is in progress commits durably at once (grouping
+//! would only add the empty commit's cost).
+//!
+//! What another thread reads may be a write not yet on disk (for the few hundred
+//! microseconds of an fsync); everything that acknowledges or sends goes through a write
+//! and waits.
+
+use std::sync::{Condvar, Mutex, MutexGuard};
+
+use redb::{Database, Durability, WriteTransaction};
+
+/// Errors of a grouped write.
+#[derive(Debug, thiserror::Error)]
+pub enum GroupCommitError {
+    /// redb refused to start or commit a transaction.
+    #[error(transparent)]
+    Transaction(#[from] redb::TransactionError),
+    /// redb could not commit.
+    #[error(transparent)]
+    Commit(#[from] redb::CommitError),
+    /// The database refuses non-durable commits (it is shared between processes).
+    #[error(transparent)]
+    Durability(#[from] redb::SetDurabilityError),
+}
+
+#[derive(Debug, Default)]
+struct Progress {
+    /// Non-durable commits made (a sequence number per commit).
+    committed: u64,
+    /// Every commit up to this number is durable.
+    durable: u64,
+    /// A durable commit is in progress.
+    syncing: bool,
+    /// Writes in progress (from their start until they return).
+    writers: usize,
+}
+
+/// Makes grouped writes durable for one database. Share one per database.
+#[derive(Debug, Default)]
+pub struct GroupCommit {
+    progress: Mutex<Progress>,
+    synced: Condvar,
+}
+
+impl GroupCommit {
+    fn progress(&self) -> MutexGuard<'_, Progress> {
+        self.progress.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Runs `f` in a write transaction of `db` and returns once what it wrote is durable.
+    /// When `f` fails, its transaction is dropped (nothing written) and its error returned
+    /// as the inner result.
+    pub fn write<R, E>(
+        &self,
+        db: &Database,
+        f: impl FnOnce(&WriteTransaction) -> Result<R, E>,
+    ) -> Result<Result<R, E>, GroupCommitError> {
+        let alone = {
+            let mut p = self.progress();
+            p.writers += 1;
+            p.writers == 1 && !p.syncing
+        };
+        let out = self.write_as(db, f, alone);
+        self.progress().writers -= 1;
+        out
+    }
+
+    /// [`GroupCommit::write`] once the writer is counted: `alone`, a plain durable commit.
+    fn write_as<R, E>(
+        &self,
+        db: &Database,
+        f: impl FnOnce(&WriteTransaction) -> Result<R, E>,
+        alone: bool,
+    ) -> Result<Result<R, E>, GroupCommitError> {
+        let mut txn = db.begin_write()?;
+        if !alone {
+            txn.set_durability(Durability::None)?;
+        }
+        let out = match f(&txn) {
+            Ok(out) => out,
+            Err(e) => return Ok(Err(e)),
+        };
+        txn.commit()?;
+        if alone {
+            // Durable already. Other writers' non-durable commits that it happened to
+            // persist are not counted: they sync as usual.
+            return Ok(Ok(out));
+        }
+        let ticket = {
+            let mut p = self.progress();
+            p.committed += 1;
+            p.committed
+        };
+        self.wait_durable(db, ticket)?;
+        Ok(Ok(out))
+    }
+
+    /// Waits until commit `ticket` is durable, making the durable commit if nobody is.
+    fn wait_durable(&self, db: &Database, ticket: u64) -> Result<(), GroupCommitError> {
+        let mut p = self.progress();
+        loop {
+            if p.durable >= ticket {
+                return Ok(());
+            }
+            if p.syncing {
+                p = self.synced.wait(p).unwrap_or_else(|e| e.into_inner());
+                continue;
+            }
+            // Every commit counted so far has returned from `commit`: the durable commit
+            // below, which begins after them, persists them all.
+            p.syncing = true;
+            let upto = p.committed;
+            drop(p);
+            let synced = db
+                .begin_write()
+                .map_err(GroupCommitError::from)
+                .and_then(|t| t.commit().map_err(GroupCommitError::from));
+            p = self.progress();
+            p.syncing = false;
+            if synced.is_ok() {
+                p.durable = p.durable.max(upto);
+            }
+            self.synced.notify_all();
+            synced?;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use std::sync::Arc;
+
+    use redb::{ReadableDatabase, ReadableTableMetadata, TableDefinition};
+
+    use super::*;
+
+    const T: TableDefinition<u64, u64> = TableDefinition::new("t");
+
+    #[test]
+    fn grouped_writes_are_durable_across_a_reopen_and_failures_write_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("db.redb");
+        {
+            let db = Arc::new(Database::create(&path).unwrap());
+            let group = Arc::new(GroupCommit::default());
+            let threads: Vec<_> = (0..8u64)
+                .map(|i| {
+                    let (db, group) = (db.clone(), group.clone());
+                    std::thread::spawn(move || {
+                        for j in 0..25u64 {
+                            group
+                                .write(&db, |txn| {
+                                    txn.open_table(T)?.insert(i * 100 + j, j)?;
+                                    Ok::<_, redb::Error>(())
+                                })
+                                .unwrap()
+                                .unwrap();
+                        }
+                    })
+                })
+                .collect();
+            for t in threads {
+                t.join().unwrap();
+            }
+            let failed = group
+                .write(&db, |txn| {
+                    txn.open_table(T)?.insert(9_999, 1)?;
+                    Err::<(), _>(redb::Error::Corrupted("refused".into()))
+                })
+                .unwrap();
+            assert!(failed.is_err());
+            // Writes alone commit durably; the others are counted, and all made durable.
+            let p = group.progress();
+            assert!(p.committed <= 200);
+            assert_eq!(p.durable, p.committed);
+            assert_eq!(p.writers, 0);
+        }
+        // Reopened: every acknowledged write is there, the failed one is not.
+        let db = Database::create(&path).unwrap();
+        let txn = db.begin_read().unwrap();
+        let t = txn.open_table(T).unwrap();
+        assert_eq!(t.len().unwrap(), 200);
+        assert!(t.get(9_999).unwrap().is_none());
+    }
+
+    /// The child of [`acknowledged_writes_survive_the_process_dying`]: grouped writes from
+    /// eight threads, each acknowledged on stdout once `write` returns, then an abort (no
+    /// destructor runs, nothing is flushed on the way out).
+    fn crash_child(path: &std::path::Path) -> ! {
+        use std::io::Write;
+        let db = Arc::new(Database::create(path).unwrap());
+        let group = Arc::new(GroupCommit::default());
+        let out = Arc::new(Mutex::new(std::io::stdout()));
+        let threads: Vec<_> = (0..8u64)
+            .map(|i| {
+                let (db, group, out) = (db.clone(), group.clone(), out.clone());
+                std::thread::spawn(move || {
+                    for j in 0..1_000u64 {
+                        let key = i * 10_000 + j;
+                        group
+                            .write(&db, |txn| {
+                                txn.open_table(T)?.insert(key, j)?;
+                                Ok::<_, redb::Error>(())
+                            })
+                            .unwrap()
+                            .unwrap();
+                        let mut o = out.lock().unwrap();
+                        writeln!(o, "ack {key}").unwrap();
+                        o.flush().unwrap();
+                    }
+                })
+            })
+            .collect();
+        std::thread::sleep(std::time::Duration::from_millis(150));
+        let _ = out.lock().map(|mut o| o.flush());
+        drop(threads);
+        std::process::abort();
+    }
+
+    #[test]
+    fn acknowledged_writes_survive_the_process_dying() {
+        if let Ok(path) = std::env::var("D402_GROUP_COMMIT_CHILD") {
+            crash_child(std::path::Path::new(&path));
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("db.redb");
+        let child = std::process::Command::new(std::env::current_exe().unwrap())
+            .args([
+                "--exact",
+                "group_commit::tests::acknowledged_writes_survive_the_process_dying",
+                "--nocapture",
+                "--test-threads=1",
+            ])
+            .env("D402_GROUP_COMMIT_CHILD", &path)
+            .output()
+            .unwrap();
+        assert!(!child.status.success(), "the child was to abort");
+        let acked: Vec<u64> = String::from_utf8_lossy(&child.stdout)
+            .lines()
+            .filter_map(|l| l.strip_prefix("ack ")?.parse().ok())
+            .collect();
+        assert!(
+            acked.len() > 8,
+            "too few writes acknowledged: {}",
+            acked.len()
+        );
+        let db = Database::create(&path).unwrap();
+        let txn = db.begin_read().unwrap();
+        let t = txn.open_table(T).unwrap();
+        for key in &acked {
+            assert!(
+                t.get(*key).unwrap().is_some(),
+                "write {key} was acknowledged and is lost"
+            );
+        }
+    }
+}
