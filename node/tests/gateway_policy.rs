@@ -260,6 +260,44 @@ async fn policy_refuses_before_payment_and_idempotency_charges_once() {
         "{text}"
     );
 
+    // Duplicates sent together under a new key, each with its own payment: a new key is
+    // claimed in the payment's own transaction, so exactly one request runs and is charged;
+    // the others get 409 (or, once it is done, its stored answer).
+    let race_key = "order-43".to_string();
+    let mut racers = Vec::new();
+    for _ in 0..4 {
+        let payment = pay(addr, &payer, &echo_request("race")).await;
+        let key = race_key.clone();
+        racers.push(tokio::spawn(async move {
+            http(
+                addr,
+                "POST",
+                "/v1/tasks",
+                &[("idempotency-key", key), (PAYMENT_SIGNATURE, payment)],
+                Some(echo_request("race")),
+            )
+            .await
+        }));
+    }
+    let mut answers = Vec::new();
+    for r in racers {
+        let (status, _, body) = r.await.unwrap();
+        assert!(
+            status == 200 || status == 409,
+            "{status} {}",
+            String::from_utf8_lossy(&body)
+        );
+        answers.push((status, body));
+    }
+    let ok: Vec<_> = answers.iter().filter(|(s, _)| *s == 200).collect();
+    assert!(!ok.is_empty(), "none of the duplicates ran");
+    assert!(ok.iter().all(|(_, b)| *b == ok[0].1), "200s differ");
+    assert_eq!(
+        balance(addr, &payer_addr).await,
+        FUNDS - 2 * PRICE,
+        "the duplicates were charged once"
+    );
+
     // The surface: only the sellable capability is listed, with the server's terms.
     let (status, _, body) = http(addr, "GET", "/v1/capabilities", &[], None).await;
     assert_eq!(status, 200);

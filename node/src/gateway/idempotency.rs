@@ -296,6 +296,64 @@ impl Idempotency {
         }
     }
 
+    /// Whether `key` has no record at all (read only). A request whose key is new can claim
+    /// it with [`Idempotency::claim_in`] in the transaction that charges it, instead of
+    /// committing a `running` record of its own first; any other key goes through
+    /// [`Idempotency::begin`].
+    pub fn is_unused(&self, key: &str) -> Result<bool, IdempotencyError> {
+        check_key(key)?;
+        Ok(self.state.read(|tx| {
+            let t = match tx.open_table(IDEMPOTENCY) {
+                Ok(t) => t,
+                Err(redb::TableError::TableDoesNotExist(_)) => return Ok(true),
+                Err(e) => return Err(e.into()),
+            };
+            Ok(t.get(key.as_bytes())?.is_none())
+        })?)
+    }
+
+    /// Claims a key found unused by [`Idempotency::is_unused`] inside `txn` (a write
+    /// transaction of this table's database): `Begin::New` with the `running` record written,
+    /// or what a request that claimed it meanwhile left ([`Begin::Running`], `Done` or
+    /// `Mismatch`), in which case the caller aborts its transaction.
+    pub fn claim_in(
+        &self,
+        txn: &redb::WriteTransaction,
+        key: &str,
+        request_hash: [u8; 32],
+        task_id: TaskId,
+    ) -> Result<Begin, IdempotencyError> {
+        check_key(key)?;
+        let mut t = txn.open_table(IDEMPOTENCY).map_err(StateError::from)?;
+        let existing = match t.get(key.as_bytes()).map_err(StateError::from)? {
+            Some(v) => Some(decode::<Record>("idempotency", v.value(), MAX_RECORD)?),
+            None => None,
+        };
+        match existing {
+            None => {
+                let fresh = Record {
+                    v: 1,
+                    request_hash,
+                    task_id,
+                    created_at: now_ms(),
+                    phase: Phase::Running { boot: self.boot },
+                };
+                let bytes = encode("idempotency", &fresh)?;
+                t.insert(key.as_bytes(), bytes.as_slice())
+                    .map_err(StateError::from)?;
+                Ok(Begin::New)
+            }
+            Some(rec) if rec.request_hash != request_hash => Ok(Begin::Mismatch),
+            Some(Record {
+                phase: Phase::Done(r),
+                ..
+            }) => Ok(Begin::Done(r)),
+            Some(rec) => Ok(Begin::Running {
+                task_id: rec.task_id,
+            }),
+        }
+    }
+
     /// Stores the answer of the request running under `key` (committed before this
     /// returns, so before the answer is sent). Later `begin`s with the same request
     /// replay it.
@@ -440,6 +498,49 @@ mod tests {
         assert_eq!(idem.task_of("k-1").unwrap(), Some(TaskId([1; 16])));
         // Other keys are independent.
         assert_eq!(idem.begin("k-2", h, TaskId([6; 16])).unwrap(), Begin::New);
+    }
+
+    #[test]
+    fn a_key_claimed_in_a_callers_transaction_behaves_as_begun() {
+        let dir = tempfile::tempdir().unwrap();
+        let state = State::open(dir.path()).unwrap();
+        let idem = Idempotency::new(state.clone());
+        let h = [1; 32];
+        assert!(idem.is_unused("k-1").unwrap());
+        let claim = |hash, task| {
+            state
+                .write(|txn| Ok(idem.claim_in(txn, "k-1", hash, TaskId(task)).unwrap()))
+                .unwrap()
+        };
+        assert_eq!(claim(h, [1; 16]), Begin::New);
+        assert!(!idem.is_unused("k-1").unwrap());
+        // A second claim (a concurrent duplicate that also found the key unused) sees the
+        // first; so does `begin`.
+        assert_eq!(
+            claim(h, [2; 16]),
+            Begin::Running {
+                task_id: TaskId([1; 16])
+            }
+        );
+        assert_eq!(claim([2; 32], [3; 16]), Begin::Mismatch);
+        assert_eq!(
+            idem.begin("k-1", h, TaskId([4; 16])).unwrap(),
+            Begin::Running {
+                task_id: TaskId([1; 16])
+            }
+        );
+        idem.finish("k-1", &answer(3)).unwrap();
+        assert_eq!(claim(h, [5; 16]), Begin::Done(answer(3)));
+        // A claim whose transaction is dropped leaves nothing.
+        {
+            let txn = state.database().begin_write().unwrap();
+            assert_eq!(
+                idem.claim_in(&txn, "k-2", h, TaskId([6; 16])).unwrap(),
+                Begin::New
+            );
+        }
+        assert!(idem.is_unused("k-2").unwrap());
+        assert!(matches!(idem.is_unused(""), Err(IdempotencyError::BadKey)));
     }
 
     #[test]

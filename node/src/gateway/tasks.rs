@@ -51,7 +51,7 @@ use d402_settlement::{
 use super::{
     AppState, GatewayParts,
     error::ApiError,
-    idempotency::{StaleResolver, StaleTask, StoredResponse},
+    idempotency::{Begin, IdempotencyError, StaleResolver, StaleTask, StoredResponse},
     policy::{Admitted, parse_task_request},
 };
 use crate::{
@@ -284,17 +284,30 @@ async fn create_inner(
     let mut id = [0u8; 16];
     getrandom::fill(&mut id).map_err(internal)?;
     let task_id = TaskId(id);
+    let hash = request_hash(&req.capability, &req.input);
+    // The rail's tables, the coordinator's and the idempotency records share the node's
+    // database (always in `d402 node`): the payment lock, the task's record and a new key's
+    // claim then commit together.
+    let joint = Arc::ptr_eq(app.rail.database(), app.coordinator.tasks().database())
+        && Arc::ptr_eq(app.rail.database(), app.state.database());
+    // A new key is claimed in the payment's transaction (no commit of its own, nothing to
+    // release if the payment is refused); a key seen before goes through `begin`.
+    let mut claim_key: Option<String> = None;
     if let Some(k) = &key {
-        let begun = app
-            .idempotency
-            .begin(k, request_hash(&req.capability, &req.input), task_id)
-            .map_err(ApiError::from)?;
-        if let Some(stored) = begun.into_result()? {
-            return Ok(("replayed", stored));
+        if joint && app.idempotency.is_unused(k).map_err(ApiError::from)? {
+            claim_key = Some(k.clone());
+        } else {
+            let begun = app
+                .idempotency
+                .begin(k, hash, task_id)
+                .map_err(ApiError::from)?;
+            if let Some(stored) = begun.into_result()? {
+                return Ok(("replayed", stored));
+            }
         }
     }
     let abandon = |why: &str| {
-        if let Some(k) = &key {
+        if let Some(k) = key.as_ref().filter(|_| claim_key.is_none()) {
             info!(
                 reason = why,
                 "idempotency key released: nothing was charged"
@@ -352,7 +365,6 @@ async fn create_inner(
     // coordinator's task record joins it when the tables share the database (always in
     // `d402 node`), so a paid task is never without its record, and a crash resumes it.
     // On standing bids the first leases are issued in the record too (sent once it commits).
-    let joint = Arc::ptr_eq(app.rail.database(), app.coordinator.tasks().database());
     let (task, leases) = if joint {
         let p = app.coordinator.prepare(spec).map_err(internal)?;
         (p.record, p.leases)
@@ -362,27 +374,50 @@ async fn create_inner(
     let locked = {
         let rail = app.rail.clone();
         let state = app.state.clone();
+        let idempotency = app.idempotency.clone();
         let paid = paid.clone();
         let task = task.clone();
+        let claim_key = claim_key.clone();
         tokio::task::spawn_blocking(move || {
             let record = |txn: &redb::WriteTransaction| {
+                if let Some(k) = &claim_key {
+                    match idempotency.claim_in(txn, k, hash, task_id) {
+                        Ok(Begin::New) => {}
+                        Ok(taken) => return Err(LockError::KeyTaken(taken)),
+                        Err(e) => return Err(LockError::Key(e)),
+                    }
+                }
                 lock_and_record(txn, &rail, &paid, &verified, now, joint.then_some(&task))
+                    .map_err(LockError::Rail)
             };
             // Through the node's group commit when the rail's tables are in its database
             // (always in `d402 node`): concurrent payments share an fsync.
-            if Arc::ptr_eq(rail.database(), state.database()) {
+            if joint {
                 state
                     .write_with(record)
-                    .map_err(|e| state_error("node", e))?
+                    .map_err(|e| LockError::Rail(state_error("node", e)))?
             } else {
-                let txn = rail.database().begin_write()?;
+                let txn = rail.database().begin_write().map_err(RailError::from)?;
                 record(&txn)?;
-                txn.commit()?;
+                txn.commit().map_err(RailError::from)?;
                 Ok(())
             }
         })
         .await
         .map_err(internal)?
+    };
+    let locked = match locked {
+        Ok(()) => Ok(()),
+        Err(LockError::Rail(e)) => Err(e),
+        Err(LockError::Key(e)) => return Err(e.into()),
+        // The same key was claimed by a concurrent request: its answer, 409 or 422; nothing
+        // of this one was written.
+        Err(LockError::KeyTaken(taken)) => {
+            return match taken.into_result()? {
+                Some(stored) => Ok(("replayed", stored)),
+                None => Err(internal("idempotency key claimed twice")),
+            };
+        }
     };
     if let Err(e) = locked {
         abandon(e.code());
@@ -424,6 +459,22 @@ async fn create_inner(
         "refunded"
     };
     Ok((outcome, stored))
+}
+
+/// Why the payment's transaction was not committed.
+enum LockError {
+    /// The rail refused (a payment error) or failed.
+    Rail(RailError),
+    /// The idempotency table failed.
+    Key(IdempotencyError),
+    /// A concurrent request with the same key claimed it first.
+    KeyTaken(Begin),
+}
+
+impl From<RailError> for LockError {
+    fn from(e: RailError) -> Self {
+        LockError::Rail(e)
+    }
 }
 
 /// A node database error as the rail reports it.
