@@ -780,18 +780,7 @@ async fn quorum_over_a_live_page_via_a_pinned_snapshot() {
         workers
             .push(start_worker_with(d.path(), worker_cfg(&offer, i), fetch_runner(), None).await);
     }
-    let gw = start_gateway(
-        dirs[0].path(),
-        seed(),
-        0,
-        coordinator_config(),
-        Policy::default(),
-    )
-    .await;
-    for w in &workers {
-        gw.net.connect(w.addr.clone()).await.unwrap();
-    }
-    let coord = gw.coordinator.clone().unwrap();
+    let (gw, coord) = gateway_for(dirs[0].path(), &workers).await;
     let input = serde_json::to_vec(&serde_json::json!({ "url": page.url })).unwrap();
     let spec = task(&offer, &input, 3, 2);
     let rec = run_accepted(&coord, spec, 3).await;

@@ -5,7 +5,7 @@
 
 mod market_support;
 
-use d402_node::market::{reputation::Policy, tasks::ClaimJudgement, worker::WorkerConfig};
+use d402_node::market::{tasks::ClaimJudgement, worker::WorkerConfig};
 use std::time::Duration;
 
 use d402_protocol::RailKind;
@@ -38,18 +38,7 @@ async fn honest_quorum(window: Duration, inline: u64) {
         cfg.inline_claim_window = window;
         workers.push(start_worker(d.path(), cfg).await);
     }
-    let gw = start_gateway(
-        dirs[0].path(),
-        seed(),
-        0,
-        coordinator_config(),
-        Policy::default(),
-    )
-    .await;
-    for w in &workers {
-        gw.net.connect(w.addr.clone()).await.unwrap();
-    }
-    let coord = gw.coordinator.clone().unwrap();
+    let (gw, coord) = gateway_for(dirs[0].path(), &workers).await;
     let spec = task(&offer, br#"{"n":1}"#, 3, 2);
     // The third claim may land after the decision; it is recorded and judged too.
     let rec = run_accepted(&coord, spec, 3).await;
@@ -113,18 +102,7 @@ async fn later_tasks_lease_on_standing_bids_and_a_worker_that_forgot_its_bid_is_
     for (i, d) in dirs[1..].iter().enumerate() {
         workers.push(start_worker(d.path(), cfg(i)).await);
     }
-    let gw = start_gateway(
-        dirs[0].path(),
-        seed(),
-        0,
-        coordinator_config(),
-        Policy::default(),
-    )
-    .await;
-    for w in &workers {
-        gw.net.connect(w.addr.clone()).await.unwrap();
-    }
-    let coord = gw.coordinator.clone().unwrap();
+    let (gw, coord) = gateway_for(dirs[0].path(), &workers).await;
     let bids_made = |ws: &[MarketNode]| -> Vec<u64> {
         ws.iter()
             .map(|w| w.worker.as_ref().unwrap().bids_made())

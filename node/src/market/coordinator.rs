@@ -24,7 +24,8 @@ use std::{
 use d402_protocol::{
     Cid, Signed, SigningKey, TaskId,
     messages::{
-        BidRequest, BidResponse, Claim, ClaimAck, Lease, LeaseAck, MAX_BID_USES, VerdictOutcome,
+        Bid, BidRequest, BidResponse, Claim, ClaimAck, Lease, LeaseAck, MAX_BID_USES,
+        VerdictOutcome,
     },
     types::MESSAGE_VERSION,
 };
@@ -526,6 +527,29 @@ impl Coordinator {
         out
     }
 
+    /// Ranks `bids` by price and their workers' reputation ([`selection::select`]); each
+    /// candidate is named by its signer and its index in `bids`.
+    fn rank<'a>(
+        &self,
+        bids: impl Iterator<Item = &'a Signed<Bid>>,
+        fanout: usize,
+        max_each: u64,
+        now: u64,
+    ) -> Result<selection::Selection<([u8; 32], usize)>, CoordinatorError> {
+        let reputation = &self.inner.reputation;
+        let mut cands = Vec::new();
+        for (i, bid) in bids.enumerate() {
+            let record = reputation.get(&bid.signer.0)?;
+            cands.push(Candidate {
+                worker: (bid.signer.0, i),
+                price: bid.body.price.units,
+                score: record.score(),
+                ineligible: record.ineligible(now, reputation.policy()),
+            });
+        }
+        Ok(selection::select(cands, fanout, max_each))
+    }
+
     /// The bids of a task's first round from the standing bids alone, when `fanout` of them
     /// are eligible: the chosen ones' uses reserved, chosen first, then the replacements.
     fn standing_choice(
@@ -549,17 +573,7 @@ impl Coordinator {
         if usable.len() < fanout {
             return Ok(None);
         }
-        let mut cands = Vec::with_capacity(usable.len());
-        for (i, (_, bid, _)) in usable.iter().enumerate() {
-            let record = inner.reputation.get(&bid.signer.0)?;
-            cands.push(Candidate {
-                worker: (bid.signer.0, i),
-                price: bid.body.price.units,
-                score: record.score(),
-                ineligible: record.ineligible(now, inner.reputation.policy()),
-            });
-        }
-        let sel = selection::select(cands, fanout, max_each);
+        let sel = self.rank(usable.iter().map(|(_, b, _)| &**b), fanout, max_each, now)?;
         let chosen: Vec<Cid> = sel.chosen.iter().map(|c| usable[c.worker.1].2).collect();
         if chosen.len() < fanout || !inner.standing.reserve(&chosen) {
             return Ok(None);
@@ -698,17 +712,7 @@ impl Coordinator {
                 Err(e) => debug!(%peer, error = %e, "no bid"),
             }
         }
-        let mut cands = Vec::new();
-        for (i, (_, bid)) in valid.iter().enumerate() {
-            let record = inner.reputation.get(&bid.signer.0)?;
-            cands.push(Candidate {
-                worker: (bid.signer.0, i),
-                price: bid.body.price.units,
-                score: record.score(),
-                ineligible: record.ineligible(now, inner.reputation.policy()),
-            });
-        }
-        let sel = selection::select(cands, fanout, max_each);
+        let sel = self.rank(valid.iter().map(|(_, b)| b), fanout, max_each, now)?;
         for (c, why) in &sel.passed {
             let reason = why.describe();
             info!(peer = %valid[c.worker.1].0, price = c.price, %reason, "bid not chosen");

@@ -261,6 +261,16 @@ pub async fn start_gateway(
     }
 }
 
+/// A gateway on the default terms, connected to `workers`, and its coordinator.
+pub async fn gateway_for(dir: &Path, workers: &[MarketNode]) -> (MarketNode, Coordinator) {
+    let gw = start_gateway(dir, seed(), 0, coordinator_config(), Policy::default()).await;
+    for w in workers {
+        gw.net.connect(w.addr.clone()).await.unwrap();
+    }
+    let coord = gw.coordinator.clone().unwrap();
+    (gw, coord)
+}
+
 pub fn task(offer: &OfferedCapability, input: &[u8], fanout: u32, quorum: u32) -> TaskSpec {
     let mut id = [0u8; 16];
     getrandom::fill(&mut id).unwrap();
