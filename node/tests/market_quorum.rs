@@ -5,7 +5,10 @@
 
 mod market_support;
 
-use d402_node::market::{tasks::ClaimJudgement, worker::WorkerConfig};
+use d402_node::market::{
+    tasks::{ClaimJudgement, LeaseStatus, Phase},
+    worker::WorkerConfig,
+};
 use std::time::Duration;
 
 use d402_protocol::RailKind;
@@ -238,4 +241,70 @@ async fn a_standing_bid_covers_each_task_once_until_its_uses_run_out() {
         "unknown_bid"
     );
     node.stop().await;
+}
+
+/// A worker that refuses a lease on its standing bid because all its slots are busy keeps
+/// that bid in the gateway's book (it is busy, not gone): the task goes to the next bid, and
+/// a later task leases the worker on the same bid without asking it again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_busy_worker_keeps_its_standing_bid() {
+    let dirs: Vec<_> = (0..5).map(|_| tempfile::tempdir().unwrap()).collect();
+    let cheap = echo_offer(5);
+    let offer = echo_offer(10);
+    assert_eq!(cheap.manifest_cid, offer.manifest_cid);
+    let mut workers = Vec::new();
+    for (i, d) in dirs[1..].iter().enumerate() {
+        // Worker 0 bids lowest (always chosen), has one slot and holds it 1.5 s per run.
+        let mut cfg = WorkerConfig::new(
+            vec![if i == 0 { cheap.clone() } else { offer.clone() }],
+            vec![RailKind::Local],
+            wallets(&format!("worker{i}")),
+        );
+        if i == 0 {
+            cfg.max_concurrent = 1;
+            cfg.inline_claim_window = Duration::ZERO;
+            cfg.faults.claim_delay = Duration::from_millis(1500);
+        }
+        workers.push(start_worker(d.path(), cfg).await);
+    }
+    let (gw, coord) = gateway_for(dirs[0].path(), &workers).await;
+    let busy = workers[0].worker.clone().unwrap();
+
+    // Task 1 asks for bids (four standing bids) and leases worker 0, which stays busy.
+    let first = coord
+        .run_task(task(&offer, br#"{"n":1}"#, 3, 2))
+        .await
+        .unwrap();
+    assert!(!first.standing);
+    assert_eq!(coord.standing_bids(), 4);
+    // Task 2 runs on the standing bids: worker 0 refuses (no free slot), the two others
+    // reach the quorum, and worker 0's bid stays in the book.
+    let second = coord
+        .run_task(task(&offer, br#"{"n":2}"#, 3, 2))
+        .await
+        .unwrap();
+    assert!(second.standing);
+    assert_eq!(second.phase, Phase::Accepted);
+    let refused: Vec<_> = second
+        .leases
+        .iter()
+        .filter(|l| l.status == LeaseStatus::Refused)
+        .collect();
+    assert_eq!(refused.len(), 1, "{:?}", second.leases);
+    assert_eq!(refused[0].lease.body.price.units, 5, "worker 0 refused");
+    assert_eq!(coord.standing_bids(), 4);
+    // Once worker 0 is free, a task leases it on the same bid: it was asked for one bid only.
+    eventually("worker 0 free again", || {
+        let busy = busy.clone();
+        async move { (busy.claims_sent() == 1).then_some(()) }
+    })
+    .await;
+    let third = run_accepted(&coord, task(&offer, br#"{"n":3}"#, 3, 2), 3).await;
+    assert!(third.standing);
+    assert_eq!(busy.bids_made(), 1);
+    assert_eq!(busy.leases_accepted(), 2);
+    for w in workers {
+        w.stop().await;
+    }
+    gw.stop().await;
 }

@@ -279,6 +279,11 @@ impl Coordinator {
         &self.inner.reputation
     }
 
+    /// How many standing bids this coordinator holds (see [`super::standing`]).
+    pub fn standing_bids(&self) -> usize {
+        self.inner.standing.len()
+    }
+
     fn notify(&self, id: &TaskId) -> Arc<Notify> {
         self.inner
             .wake
@@ -1099,7 +1104,11 @@ impl Coordinator {
         let statuses: Vec<(Cid, LeaseStatus)> = results
             .into_iter()
             .map(|(cid, ack)| {
-                if !matches!(ack, Ok(LeaseAck::Accepted | LeaseAck::Claimed(_)))
+                // A worker that refused for want of a free slot still holds its bid (it is
+                // busy, not gone); any other refusal or a failed delivery drops it.
+                let busy = matches!(&ack, Ok(LeaseAck::Refused { reason }) if reason.starts_with("no_capacity"));
+                if !busy
+                    && !matches!(ack, Ok(LeaseAck::Accepted | LeaseAck::Claimed(_)))
                     && let Some(l) = to_send.iter().find(|l| l.lease_cid == cid)
                     && inner.standing.forget(&l.lease.body.bid_cid)
                 {

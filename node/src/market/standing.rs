@@ -8,7 +8,8 @@
 //! those bids in memory, one per worker, manifest and rail; a new task whose book holds
 //! enough eligible bids is leased at once, without asking anyone. Each use is reserved here
 //! before its lease is signed, so concurrent tasks do not overdraw a bid; a bid whose lease
-//! is refused or not delivered is dropped, and the next task asks again.
+//! is refused (other than for want of a free slot) or not delivered is dropped, and the next
+//! task asks again.
 //!
 //! Nothing here is persisted: a task record holds the signed bids it was leased on, so a
 //! restarted gateway resumes its tasks, and its first new task asks for bids again.
