@@ -355,33 +355,71 @@ impl Idempotency {
     }
 
     /// Stores the answer of the request running under `key` (committed before this
-    /// returns, so before the answer is sent). Later `begin`s with the same request
-    /// replay it.
-    pub fn finish(&self, key: &str, response: &StoredResponse) -> Result<(), IdempotencyError> {
+    /// returns, so before the answer is sent) and returns the answer that stands: one stored
+    /// already (with the task's capture, see [`Idempotency::finish_in`]) is kept and
+    /// returned, without a write. Later `begin`s with the same request replay it.
+    pub fn finish(
+        &self,
+        key: &str,
+        response: &StoredResponse,
+    ) -> Result<StoredResponse, IdempotencyError> {
         check_key(key)?;
+        let stored = self.state.read(|tx| {
+            let t = match tx.open_table(IDEMPOTENCY) {
+                Ok(t) => t,
+                Err(redb::TableError::TableDoesNotExist(_)) => return Ok(None),
+                Err(e) => return Err(e.into()),
+            };
+            match t.get(key.as_bytes())? {
+                Some(v) => Ok(Some(decode::<Record>(
+                    "idempotency",
+                    v.value(),
+                    MAX_RECORD,
+                )?)),
+                None => Ok(None),
+            }
+        })?;
+        if let Some(Record {
+            phase: Phase::Done(r),
+            ..
+        }) = stored
+        {
+            return Ok(r);
+        }
         self.state
-            .write(|tx| {
-                let mut t = tx.open_table(IDEMPOTENCY)?;
-                let rec = match t.get(key.as_bytes())? {
-                    Some(v) => Some(decode::<Record>("idempotency", v.value(), MAX_RECORD)?),
-                    None => None,
-                };
-                let rec = match rec {
-                    Some(r) => Record {
-                        phase: Phase::Done(response.clone()),
-                        ..r
-                    },
-                    // Finished without a begin (should not happen): nothing to bind it to.
-                    None => return Ok(Ok(())),
-                };
-                let bytes = encode("idempotency", &rec)?;
-                if bytes.len() > MAX_RECORD {
-                    return Ok(Err(IdempotencyError::TooLarge(bytes.len())));
-                }
-                t.insert(key.as_bytes(), bytes.as_slice())?;
-                Ok(Ok(()))
-            })
-            .map_err(IdempotencyError::from)?
+            .write_with(|tx| self.finish_in(tx, key, response))?
+    }
+
+    /// [`Idempotency::finish`] inside `txn` (a write transaction of this table's database):
+    /// the gateway stores a task's answer in the transaction that captures its payment. An
+    /// answer stored already stands and is returned; a key without a record binds nothing.
+    pub fn finish_in(
+        &self,
+        txn: &redb::WriteTransaction,
+        key: &str,
+        response: &StoredResponse,
+    ) -> Result<StoredResponse, IdempotencyError> {
+        check_key(key)?;
+        let mut t = txn.open_table(IDEMPOTENCY).map_err(StateError::from)?;
+        let rec = match t.get(key.as_bytes()).map_err(StateError::from)? {
+            Some(v) => decode::<Record>("idempotency", v.value(), MAX_RECORD)?,
+            // Finished without a begin (should not happen): nothing to bind it to.
+            None => return Ok(response.clone()),
+        };
+        if let Phase::Done(r) = rec.phase {
+            return Ok(r);
+        }
+        let rec = Record {
+            phase: Phase::Done(response.clone()),
+            ..rec
+        };
+        let bytes = encode("idempotency", &rec)?;
+        if bytes.len() > MAX_RECORD {
+            return Err(IdempotencyError::TooLarge(bytes.len()));
+        }
+        t.insert(key.as_bytes(), bytes.as_slice())
+            .map_err(StateError::from)?;
+        Ok(response.clone())
     }
 
     /// Drops the record of a request that failed before anything was charged, so that a
@@ -529,7 +567,15 @@ mod tests {
                 task_id: TaskId([1; 16])
             }
         );
-        idem.finish("k-1", &answer(3)).unwrap();
+        // The answer stored in a caller's transaction (the capture's) stands: a later
+        // `finish` returns it and writes nothing.
+        state
+            .write(|txn| {
+                assert_eq!(idem.finish_in(txn, "k-1", &answer(3)).unwrap(), answer(3));
+                Ok(())
+            })
+            .unwrap();
+        assert_eq!(idem.finish("k-1", &answer(4)).unwrap(), answer(3));
         assert_eq!(claim(h, [5; 16]), Begin::Done(answer(3)));
         // A claim whose transaction is dropped leaves nothing.
         {

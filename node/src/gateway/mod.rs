@@ -232,7 +232,10 @@ impl Gateway {
         if Arc::ptr_eq(parts.rail.database(), parts.coordinator.tasks().database()) {
             parts
                 .coordinator
-                .on_acceptance(tasks::capture_on_acceptance(parts.rail.clone()));
+                .on_acceptance(tasks::capture_on_acceptance(
+                    parts.rail.clone(),
+                    idempotency.clone(),
+                ));
         }
         let app = Arc::new(AppState {
             config,

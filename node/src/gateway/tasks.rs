@@ -51,7 +51,7 @@ use d402_settlement::{
 use super::{
     AppState, GatewayParts,
     error::ApiError,
-    idempotency::{Begin, IdempotencyError, StaleResolver, StaleTask, StoredResponse},
+    idempotency::{Begin, Idempotency, IdempotencyError, StaleResolver, StaleTask, StoredResponse},
     policy::{Admitted, parse_task_request},
 };
 use crate::{
@@ -699,11 +699,18 @@ pub async fn finish(
             info!(task = %paid.task_id, code, "task not served; payment refunded");
         }
     }
-    if let Some(k) = &paid.idempotency_key
-        && let Err(e) = app.idempotency.finish(k, &stored)
-    {
-        warn!(error = %e, "cannot store the idempotent answer");
-    }
+    // The answer that stands under the key is the one sent (stored with the capture when
+    // the task was paid in its acceptance's commit).
+    let stored = match &paid.idempotency_key {
+        Some(k) => match app.idempotency.finish(k, &stored) {
+            Ok(standing) => standing,
+            Err(e) => {
+                warn!(error = %e, "cannot store the idempotent answer");
+                stored
+            }
+        },
+        None => stored,
+    };
     Ok(stored)
 }
 
@@ -803,7 +810,7 @@ async fn with_late_claims(app: &Arc<AppState>, rec: TaskRecord) -> TaskRecord {
 /// task without a `PaidTask` row (not sold over HTTP) is left alone; a refused capture
 /// (logged) leaves the transaction untouched and [`settle`] decides after the run as
 /// before.
-pub fn capture_on_acceptance(rail: Arc<LocalRail>) -> AcceptHook {
+pub fn capture_on_acceptance(rail: Arc<LocalRail>, idempotency: Idempotency) -> AcceptHook {
     Arc::new(move |txn, rec| {
         let id = rec.spec.task_id;
         let paid: Option<PaidTask> = match txn.open_table(PAID_TASKS) {
@@ -819,8 +826,22 @@ pub fn capture_on_acceptance(rail: Arc<LocalRail>) -> AcceptHook {
             return;
         };
         let plan = capture_plan(rec, &paid.commission);
-        if let Err(e) = rail.capture_in(txn, id, &plan, now_ms()) {
-            warn!(task = %id, error = %e, "capture with the acceptance refused; settling after the run");
+        let receipt = match rail.capture_in(txn, id, &plan, now_ms()) {
+            Ok(receipt) => receipt,
+            Err(e) => {
+                warn!(task = %id, error = %e, "capture with the acceptance refused; settling after the run");
+                return;
+            }
+        };
+        // The answer to a keyed request commits with the capture too (one commit less);
+        // `finish` then finds it and sends it as stored.
+        if let Some(k) = &paid.idempotency_key {
+            let stored = answer(&rail, &paid, Some(rec), &Settlement::Captured(receipt))
+                .map_err(|e| e.to_string())
+                .and_then(|a| idempotency.finish_in(txn, k, &a).map_err(|e| e.to_string()));
+            if let Err(e) = stored {
+                warn!(task = %id, error = %e, "answer not stored with the capture; stored after the run");
+            }
         }
     })
 }
