@@ -301,14 +301,26 @@ impl Idempotency {
     /// committing a `running` record of its own first; any other key goes through
     /// [`Idempotency::begin`].
     pub fn is_unused(&self, key: &str) -> Result<bool, IdempotencyError> {
+        Ok(self.record(key)?.is_none())
+    }
+
+    /// The record under `key`, if any (read only).
+    fn record(&self, key: &str) -> Result<Option<Record>, IdempotencyError> {
         check_key(key)?;
         Ok(self.state.read(|tx| {
             let t = match tx.open_table(IDEMPOTENCY) {
                 Ok(t) => t,
-                Err(redb::TableError::TableDoesNotExist(_)) => return Ok(true),
+                Err(redb::TableError::TableDoesNotExist(_)) => return Ok(None),
                 Err(e) => return Err(e.into()),
             };
-            Ok(t.get(key.as_bytes())?.is_none())
+            match t.get(key.as_bytes())? {
+                Some(v) => Ok(Some(decode::<Record>(
+                    "idempotency",
+                    v.value(),
+                    MAX_RECORD,
+                )?)),
+                None => Ok(None),
+            }
         })?)
     }
 
@@ -363,26 +375,10 @@ impl Idempotency {
         key: &str,
         response: &StoredResponse,
     ) -> Result<StoredResponse, IdempotencyError> {
-        check_key(key)?;
-        let stored = self.state.read(|tx| {
-            let t = match tx.open_table(IDEMPOTENCY) {
-                Ok(t) => t,
-                Err(redb::TableError::TableDoesNotExist(_)) => return Ok(None),
-                Err(e) => return Err(e.into()),
-            };
-            match t.get(key.as_bytes())? {
-                Some(v) => Ok(Some(decode::<Record>(
-                    "idempotency",
-                    v.value(),
-                    MAX_RECORD,
-                )?)),
-                None => Ok(None),
-            }
-        })?;
         if let Some(Record {
             phase: Phase::Done(r),
             ..
-        }) = stored
+        }) = self.record(key)?
         {
             return Ok(r);
         }
@@ -445,18 +441,7 @@ impl Idempotency {
 
     /// The task a key is bound to, if any (for diagnostics and recovery).
     pub fn task_of(&self, key: &str) -> Result<Option<TaskId>, IdempotencyError> {
-        check_key(key)?;
-        Ok(self.state.read(|tx| {
-            let t = match tx.open_table(IDEMPOTENCY) {
-                Ok(t) => t,
-                Err(redb::TableError::TableDoesNotExist(_)) => return Ok(None),
-                Err(e) => return Err(e.into()),
-            };
-            Ok(match t.get(key.as_bytes())? {
-                Some(v) => Some(decode::<Record>("idempotency", v.value(), MAX_RECORD)?.task_id),
-                None => None,
-            })
-        })?)
+        Ok(self.record(key)?.map(|r| r.task_id))
     }
 
     /// Removes finished records created before `before` (Unix ms); returns how many.
