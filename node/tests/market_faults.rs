@@ -269,11 +269,7 @@ async fn foreign_bids_and_unknown_claims_are_refused_with_reasons() {
     let coord = gw.coordinator.clone().unwrap();
     let spec = task(&offer, br#"{"n":"impostor"}"#, 3, 2);
     let id = spec.task_id;
-    let done = tokio::time::timeout(TIMEOUT, coord.run_task(spec))
-        .await
-        .unwrap()
-        .unwrap();
-    assert_eq!(done.phase, Phase::Accepted, "{done:?}");
+    let done = accepted(&coord, spec).await;
     let imp_peer = impostor.peer().to_bytes();
     assert!(done.bids.iter().all(|b| b.peer != imp_peer));
     assert!(done.leases.iter().all(|l| l.peer != imp_peer));

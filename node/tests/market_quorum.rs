@@ -161,8 +161,8 @@ async fn later_tasks_lease_on_standing_bids_and_a_worker_that_forgot_its_bid_is_
 async fn a_standing_bid_covers_each_task_once_until_its_uses_run_out() {
     use d402_node::{market::now_ms, net::peer_id_of};
     use d402_protocol::{
-        Cid, Signed, SigningKey, TaskId,
-        messages::{BidRequest, BidResponse, Lease, LeaseAck},
+        Signed, SigningKey, TaskId,
+        messages::{BidResponse, Lease, LeaseAck},
         types::MESSAGE_VERSION,
     };
     let dir = tempfile::tempdir().unwrap();
@@ -176,18 +176,7 @@ async fn a_standing_bid_covers_each_task_once_until_its_uses_run_out() {
 
     let bid = |standing: u32| {
         let spec = task(&offer, b"{}", 3, 2);
-        let req = BidRequest {
-            v: MESSAGE_VERSION,
-            task_id: spec.task_id,
-            capability: spec.capability.clone(),
-            manifest_cid: spec.manifest_cid,
-            input_cid: Cid::raw(&spec.input),
-            input_len: spec.input.len() as u64,
-            rail: spec.rail,
-            max_price: spec.budget.clone(),
-            deadline: spec.deadline,
-            standing,
-        };
+        let req = spec.bid_request(spec.budget.units, standing);
         match worker.on_bid_request(gw, Signed::sign(req, &gw_key).unwrap()) {
             BidResponse::Bid(b) => *b,
             other => panic!("no bid: {other:?}"),

@@ -23,10 +23,7 @@ use std::{
 
 use d402_protocol::{
     Cid, Signed, SigningKey, TaskId,
-    messages::{
-        Bid, BidRequest, BidResponse, Claim, ClaimAck, Lease, LeaseAck, MAX_BID_USES,
-        VerdictOutcome,
-    },
+    messages::{Bid, BidResponse, Claim, ClaimAck, Lease, LeaseAck, MAX_BID_USES, VerdictOutcome},
     types::MESSAGE_VERSION,
 };
 use futures::{StreamExt, future::join_all, stream::FuturesUnordered};
@@ -651,21 +648,7 @@ impl Coordinator {
                 .await;
         }
         let req = Signed::sign(
-            BidRequest {
-                v: MESSAGE_VERSION,
-                task_id: spec.task_id,
-                capability: spec.capability.clone(),
-                manifest_cid: spec.manifest_cid,
-                input_cid: Cid::raw(&spec.input),
-                input_len: spec.input.len() as u64,
-                rail: spec.rail,
-                max_price: d402_protocol::Amount {
-                    asset: spec.budget.asset.clone(),
-                    units: max_each,
-                },
-                deadline: spec.deadline,
-                standing: inner.cfg.standing_bids.clamp(1, MAX_BID_USES),
-            },
+            spec.bid_request(max_each, inner.cfg.standing_bids.clamp(1, MAX_BID_USES)),
             &inner.key,
         )?;
         let request_cid = req.cid()?;

@@ -4,7 +4,8 @@
 
 use d402_protocol::{
     Amount, CapabilityRef, Cid, RailKind, Signed, TaskId, UnixMillis,
-    messages::{Bid, Claim, Lease, SnapshotMeta, Verdict},
+    messages::{Bid, BidRequest, Claim, Lease, SnapshotMeta, Verdict},
+    types::MESSAGE_VERSION,
 };
 use redb::{ReadableTable, TableDefinition, WriteTransaction};
 use serde::{Deserialize, Serialize};
@@ -71,6 +72,28 @@ pub struct TaskSpec {
     /// written before this field existed read as `true` (the cautious path).
     #[serde(default = "takes_snapshot_default")]
     pub takes_snapshot: bool,
+}
+
+impl TaskSpec {
+    /// The bid request for this task: at most `max_each` per worker, asking for a bid that
+    /// covers `standing` leases (1: this task alone).
+    pub fn bid_request(&self, max_each: u64, standing: u32) -> BidRequest {
+        BidRequest {
+            v: MESSAGE_VERSION,
+            task_id: self.task_id,
+            capability: self.capability.clone(),
+            manifest_cid: self.manifest_cid,
+            input_cid: Cid::raw(&self.input),
+            input_len: self.input.len() as u64,
+            rail: self.rail,
+            max_price: Amount {
+                asset: self.budget.asset.clone(),
+                units: max_each,
+            },
+            deadline: self.deadline,
+            standing,
+        }
+    }
 }
 
 fn takes_snapshot_default() -> bool {

@@ -307,15 +307,21 @@ where
     }
 }
 
-/// Runs `spec` on `coord`, checks it is accepted, and returns its record once `claims`
-/// claims are recorded (the last may land after the decision and is judged on arrival).
-pub async fn run_accepted(coord: &Coordinator, spec: TaskSpec, claims: usize) -> TaskRecord {
-    let id = spec.task_id;
+/// Runs `spec` on `coord` (within [`TIMEOUT`]) and checks it is accepted.
+pub async fn accepted(coord: &Coordinator, spec: TaskSpec) -> TaskRecord {
     let done = tokio::time::timeout(TIMEOUT, coord.run_task(spec))
         .await
         .unwrap()
         .unwrap();
     assert_eq!(done.phase, Phase::Accepted, "{done:?}");
+    done
+}
+
+/// Runs `spec` on `coord`, checks it is accepted, and returns its record once `claims`
+/// claims are recorded (the last may land after the decision and is judged on arrival).
+pub async fn run_accepted(coord: &Coordinator, spec: TaskSpec, claims: usize) -> TaskRecord {
+    let id = spec.task_id;
+    accepted(coord, spec).await;
     eventually("the claims recorded", || {
         let c = coord.clone();
         async move {
