@@ -297,3 +297,47 @@ async fn a_busy_worker_keeps_its_standing_bid() {
     }
     gw.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_late_claim_closing_the_last_lease_settles_in_its_own_commit() {
+    // Two fast workers decide the task; the third claims well after the decision. The
+    // acceptance hook (where the gateway captures the payment) runs at the decision, with
+    // a lease still open, and again in the commit that records the late claim, with none.
+    let dirs: Vec<_> = (0..4).map(|_| tempfile::tempdir().unwrap()).collect();
+    let offer = echo_offer(10);
+    let mut workers = Vec::new();
+    for (i, d) in dirs[1..].iter().enumerate() {
+        let mut cfg = WorkerConfig::new(
+            vec![offer.clone()],
+            vec![RailKind::Local],
+            wallets(&format!("worker{i}")),
+        );
+        if i == 2 {
+            cfg.faults.claim_delay = Duration::from_millis(500);
+        }
+        workers.push(start_worker(d.path(), cfg).await);
+    }
+    let (gw, coord) = gateway_for(dirs[0].path(), &workers).await;
+    let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let log = seen.clone();
+    assert!(coord.on_acceptance(std::sync::Arc::new(move |_txn, r| {
+        let open = r.leases.iter().filter(|l| l.is_open()).count();
+        log.lock()
+            .unwrap()
+            .push((r.phase.clone(), open, r.claims.len()));
+    })));
+    let rec = run_accepted(&coord, task(&offer, br#"{"n":7}"#, 3, 2), 3).await;
+    assert!(
+        rec.claims
+            .iter()
+            .all(|c| c.judgement == ClaimJudgement::Accepted)
+    );
+    assert_eq!(
+        *seen.lock().unwrap(),
+        vec![(Phase::Accepted, 1, 2), (Phase::Accepted, 0, 3)]
+    );
+    for w in workers {
+        w.stop().await;
+    }
+    gw.stop().await;
+}

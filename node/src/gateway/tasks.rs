@@ -34,7 +34,7 @@ use serde::{Deserialize, Serialize};
 
 use d402_runtime::policy::SystemResolver;
 use sha2::{Digest, Sha256};
-use tracing::{Instrument, info, info_span, warn};
+use tracing::{Instrument, debug, info, info_span, warn};
 
 use d402_protocol::{
     CapabilityRef, Chain, Cid, RailKind, Signed, TaskId, UnixMillis, messages::SettlementReceipt,
@@ -784,10 +784,14 @@ async fn with_late_claims(app: &Arc<AppState>, rec: TaskRecord) -> TaskRecord {
         return rec;
     }
     let id = rec.spec.task_id;
-    let until = Instant::now() + LATE_CLAIM_GRACE;
+    let until = tokio::time::Instant::now() + LATE_CLAIM_GRACE;
+    let changes = app.coordinator.changes(&id);
     let mut last = rec;
-    while Instant::now() < until {
-        tokio::time::sleep(std::time::Duration::from_millis(1)).await;
+    loop {
+        // Registered before the record is read: a claim recorded in between still wakes.
+        let changed = changes.notified();
+        tokio::pin!(changed);
+        changed.as_mut().enable();
         match app.coordinator.tasks().get(&id) {
             Ok(Some(r)) => {
                 let done = !open(&r);
@@ -798,7 +802,12 @@ async fn with_late_claims(app: &Arc<AppState>, rec: TaskRecord) -> TaskRecord {
             }
             _ => break,
         }
+        if tokio::time::timeout_at(until, changed).await.is_err() {
+            break;
+        }
     }
+    drop(changes);
+    app.coordinator.forget_changes(&id);
     last
 }
 
@@ -828,6 +837,15 @@ pub fn capture_on_acceptance(rail: Arc<LocalRail>, idempotency: Idempotency) -> 
         let plan = capture_plan(rec, &paid.commission);
         let receipt = match rail.capture_in(txn, id, &plan, now_ms()) {
             Ok(receipt) => receipt,
+            // Settled already (after the run, once the grace for late claims ran out).
+            Err(
+                e @ (RailError::PlanConflict(_)
+                | RailError::AlreadyCaptured(_)
+                | RailError::AlreadyRefunded(_)),
+            ) => {
+                debug!(task = %id, error = %e, "task settled already; the late claim is recorded only");
+                return;
+            }
             Err(e) => {
                 warn!(task = %id, error = %e, "capture with the acceptance refused; settling after the run");
                 return;

@@ -163,7 +163,9 @@ struct Inner {
     reputation: Reputation,
     blobs: BlobStore,
     cfg: CoordinatorConfig,
-    wake: Mutex<HashMap<TaskId, Arc<Notify>>>,
+    /// Per task, what wakes whoever waits for its claims (the driver, the gateway waiting
+    /// for late claims).
+    wake: Mutex<Wakers>,
     /// Whether the reputation table is in the tasks' database, so that outcomes commit in
     /// the same transaction as the judgement they follow from.
     joint: bool,
@@ -180,10 +182,34 @@ struct Inner {
     standing: StandingBids,
 }
 
-/// What runs inside the transaction that accepts a task, with the accepted record: the
-/// gateway captures the task's payment there, so that acceptance and payment commit
-/// together. It must leave the transaction untouched when it fails (the rail's `_in`
-/// forms do), and it cannot stop the acceptance.
+/// The wake-ups of tasks being waited for. An entry is dropped when its task's driver
+/// ends ([`Coordinator::forget_changes`]); entries nobody holds are also swept once the map
+/// doubles, so tasks that end in odd ways cannot grow it without bound. A waiter always
+/// registers before it reads the record, so a swept entry loses no change.
+#[derive(Default)]
+struct Wakers {
+    map: HashMap<TaskId, Arc<Notify>>,
+    sweep_at: usize,
+}
+
+/// The fewest entries [`Wakers`] keeps before it sweeps.
+const WAKERS_SWEEP_MIN: usize = 1024;
+
+impl Wakers {
+    fn get(&mut self, id: &TaskId) -> Arc<Notify> {
+        if self.map.len() >= self.sweep_at.max(WAKERS_SWEEP_MIN) && !self.map.contains_key(id) {
+            self.map.retain(|_, n| Arc::strong_count(n) > 1);
+            self.sweep_at = 2 * self.map.len();
+        }
+        self.map.entry(*id).or_default().clone()
+    }
+}
+
+/// What runs inside the transaction that accepts a task, with the accepted record, and
+/// again in the transaction that records a late claim closing the last open lease of an
+/// accepted task: the gateway captures the task's payment there, so that acceptance (or the
+/// last claim) and payment commit together. It must leave the transaction untouched when
+/// it fails (the rail's `_in` forms do), and it cannot stop the acceptance.
 pub type AcceptHook = Arc<dyn Fn(&redb::WriteTransaction, &TaskRecord) + Send + Sync>;
 
 /// A new task's record with the leases issued in it ([`Coordinator::prepare`]).
@@ -286,9 +312,23 @@ impl Coordinator {
             .wake
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .entry(*id)
-            .or_default()
-            .clone()
+            .get(id)
+    }
+
+    /// What is notified when claims of task `id` are recorded or one of its leases closes.
+    /// Call `notified()` on it (and `enable` it) before reading the record, then await it.
+    pub fn changes(&self, id: &TaskId) -> Arc<Notify> {
+        self.notify(id)
+    }
+
+    /// Drops the wake-up of task `id` (its waiters are done with it).
+    pub fn forget_changes(&self, id: &TaskId) {
+        self.inner
+            .wake
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .map
+            .remove(id);
     }
 
     /// Runs `f` on the blocking pool: a commit waits for the disk, and the async workers
@@ -419,7 +459,9 @@ impl Coordinator {
             }
         }
         .instrument(span)
-        .await?;
+        .await;
+        self.forget_changes(&id);
+        let done = done?;
         // Leases inherited from before a restart are settled with the task.
         self.inner
             .inherited
@@ -1127,6 +1169,8 @@ impl Coordinator {
                 }
                 Ok::<_, CoordinatorError>(())
             })?;
+            // A closed lease may be what a waiter for the task's last claims waits for.
+            self.notify(id).notify_one();
         }
         debug!(sent = to_send.len(), accepted, "leases sent");
         Ok(())
@@ -1464,6 +1508,7 @@ impl Coordinator {
         };
         let mut decided = None;
         let written = inner.tasks.update_with(&task_id, |txn, r| {
+            let was_accepted = r.phase == Phase::Accepted;
             let mut any = false;
             for ((_, claim), result) in claims.iter().zip(results.iter_mut()) {
                 if result.is_err() {
@@ -1494,6 +1539,14 @@ impl Coordinator {
                     ClaimRefusal::Internal
                 })?;
                 decided = Some((r.clone(), judged));
+            } else if was_accepted
+                && !r.leases.iter().any(|l| l.is_open())
+                && let Some(hook) = self.inner.accept_hook.get()
+            {
+                // The last open lease of an accepted task brought its claim: the task is
+                // complete, and the hook settles it in this commit (it waited for this
+                // claim, which may be paid too).
+                hook(txn, r);
             }
             Ok(())
         });
@@ -1634,5 +1687,25 @@ pub fn plausible(input: &[u8], meta: &d402_protocol::messages::SnapshotMeta, len
     match d402_runtime::runner::input_url(input) {
         Ok(url) => host_of(&url) == host_of(&meta.final_url),
         Err(_) => true,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn wakers_sweep_entries_nobody_holds_and_keep_held_ones() {
+        let mut w = Wakers::default();
+        let held: Vec<_> = (0..10u8).map(|i| w.get(&TaskId([i; 16]))).collect();
+        for i in 0..10_000u32 {
+            let mut id = [0xff; 16];
+            id[..4].copy_from_slice(&i.to_be_bytes());
+            drop(w.get(&TaskId(id)));
+            assert!(w.map.len() <= 2 * WAKERS_SWEEP_MIN, "{}", w.map.len());
+        }
+        for (i, n) in held.iter().enumerate() {
+            assert!(Arc::ptr_eq(n, &w.get(&TaskId([i as u8; 16]))));
+        }
     }
 }
