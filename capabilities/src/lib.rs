@@ -10,6 +10,7 @@ pub mod manifest;
 pub mod namespace;
 pub mod policy;
 pub mod registration;
+pub mod schema;
 pub mod wallet;
 
 pub use error::{CapabilityError, Result};
@@ -17,3 +18,4 @@ pub use manifest::{Egress, Implementation, Limits, Manifest, Permissions, Snapsh
 pub use namespace::NamespaceRegistry;
 pub use policy::{AcceptancePolicy, AcceptedTerms, Refusal};
 pub use registration::{CapabilityRegistration, Registration, RegistrationDocument};
+pub use schema::InputSchema;

@@ -200,6 +200,9 @@ impl Manifest {
         ] {
             check_schema(field, schema)?;
         }
+        // The input schema is enforced (gateway and worker), so it must use only what the
+        // checks understand; the output schema is documentation.
+        self.input_checks()?;
         let mut seen = Vec::new();
         for s in &self.permissions.snapshotters {
             if seen.contains(s) {
@@ -388,6 +391,14 @@ impl Manifest {
     }
 }
 
+impl Manifest {
+    /// The compiled `input_schema` (see [`crate::schema`]) that task inputs must satisfy.
+    pub fn input_checks(&self) -> Result<crate::schema::InputSchema> {
+        crate::schema::InputSchema::compile(&self.input_schema)
+            .map_err(|e| CapabilityError::invalid(format!("input_schema{}", e.path), e.message))
+    }
+}
+
 fn check_schema(field: &str, schema: &serde_json::Value) -> Result<()> {
     if !schema.is_object() {
         return Err(CapabilityError::invalid(
@@ -510,6 +521,9 @@ mod tests {
         assert!(e.starts_with("input_schema: "), "{e}");
         let e = json_err(|v| v["output_schema"] = serde_json::json!([]));
         assert!(e.starts_with("output_schema: "), "{e}");
+        // The input schema is enforced, so it may use only the keywords the checks know.
+        let e = json_err(|v| v["input_schema"]["oneOf"] = serde_json::json!([]));
+        assert!(e.starts_with("input_schema/oneOf: "), "{e}");
         let e = json_err(|v| v["implementation"]["abi"] = "wasi".into());
         assert!(e.starts_with("implementation.abi: "), "{e}");
         let e = json_err(|v| v["implementation"]["cid"] = Cid::dag_cbor(b"x").to_string().into());

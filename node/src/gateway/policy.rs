@@ -20,7 +20,7 @@ use axum::http::StatusCode;
 use serde::Deserialize;
 
 use d402_capabilities::{
-    AcceptancePolicy, AcceptedTerms, CapabilityRegistration, Manifest, Refusal,
+    AcceptancePolicy, AcceptedTerms, CapabilityRegistration, InputSchema, Manifest, Refusal,
     commission::BPS_DENOMINATOR,
 };
 use d402_protocol::{CapabilityRef, Cid, PublicKey, RailKind, messages::MAX_INPUT};
@@ -162,6 +162,14 @@ pub enum PolicyError {
     /// Two offers resolve to the same `id@version`.
     #[error("--offer {0} is given twice")]
     DuplicateOffer(CapabilityRef),
+    /// An offer's input schema cannot be enforced (see `d402_capabilities::schema`).
+    #[error("--offer {capability}: {reason}")]
+    InputSchema {
+        /// The offer.
+        capability: CapabilityRef,
+        /// Why its schema does not compile.
+        reason: String,
+    },
 }
 
 fn invalid(flag: &'static str, reason: impl Into<String>) -> PolicyError {
@@ -182,6 +190,8 @@ pub struct Offer {
     pub registration: Option<CapabilityRegistration>,
     /// The terms it is sold under, or why it is refused.
     pub verdict: Result<AcceptedTerms, Refusal>,
+    /// Its compiled `input_schema`, checked on every request before payment.
+    pub input_checks: InputSchema,
 }
 
 /// A request the policy admitted: everything the paid flow needs, all chosen by the server.
@@ -339,7 +349,15 @@ impl GatewayPolicy {
                     "offered capability refused by the gateway's acceptance policy: {r}"
                 );
             }
+            let input_checks = o
+                .manifest
+                .input_checks()
+                .map_err(|e| PolicyError::InputSchema {
+                    capability: o.capability.clone(),
+                    reason: e.to_string(),
+                })?;
             let offer = Offer {
+                input_checks,
                 manifest: o.manifest.clone(),
                 manifest_cid: o.manifest_cid,
                 registration: o.registration.clone(),
@@ -412,8 +430,9 @@ impl GatewayPolicy {
 
     /// Admits a request for `capability` with `input`, or refuses it with a stable code.
     /// Checks, in order: the capability is offered, the acceptance policy accepted it, the
-    /// input is a JSON object within the size cap, and its `url` (required when the
-    /// manifest takes a snapshot) passes the URL policy without DNS.
+    /// input is a JSON object within the size cap that satisfies the manifest's
+    /// `input_schema`, and its `url` (required when the manifest takes a snapshot) passes
+    /// the URL policy without DNS.
     pub fn admit(&self, capability: &str, input: &serde_json::Value) -> Result<Admitted, ApiError> {
         let cap: CapabilityRef = capability.parse().map_err(|e| {
             ApiError::new(
@@ -458,6 +477,17 @@ impl GatewayPolicy {
                     "the input is {} bytes; this gateway accepts at most {}",
                     bytes.len(),
                     self.max_input_bytes
+                ),
+            ));
+        }
+        if let Err(violations) = offer.input_checks.check(input) {
+            let listed: Vec<String> = violations.iter().map(|v| v.to_string()).collect();
+            return Err(ApiError::new(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "invalid_input",
+                format!(
+                    "the input does not match {cap}'s input schema: {}",
+                    listed.join("; ")
                 ),
             ));
         }
@@ -578,6 +608,10 @@ pub(crate) mod tests {
         };
         let mut m = Manifest::template(id, 1, Cid::raw(EMPTY_WASM_MODULE), snapshotters).unwrap();
         m.description = format!("test {id}");
+        if snapshot {
+            // The tests' inputs carry a second field, to check their canonical key order.
+            m.input_schema["properties"]["b"] = json!({"type": "integer"});
+        }
         m
     }
 
@@ -748,6 +782,29 @@ pub(crate) mod tests {
         assert_eq!(e.code, "invalid_input");
         // No url needed when the capability takes no snapshot.
         p.admit("text.upper@1", &json!({"text": "x"})).unwrap();
+        // The manifest's input schema is enforced, each violation named by its place.
+        let mut m = manifest("math.double", false);
+        m.input_schema = json!({
+            "type": "object",
+            "properties": {"n": {"type": "integer", "maximum": 100}},
+            "required": ["n"],
+            "additionalProperties": false
+        });
+        let schema = GatewayPolicy::new(&settings(), &[offer(m, None)]).unwrap();
+        schema.admit("math.double@1", &json!({"n": 7})).unwrap();
+        for (bad, why) in [
+            (json!({}), "input: the property \"n\" is required"),
+            (json!({"n": "7"}), "/n: must be of type integer, not string"),
+            (json!({"n": 101}), "/n: must be at most 100"),
+            (json!({"n": 1, "m": 2}), "/m: is not an allowed property"),
+        ] {
+            let e = schema.admit("math.double@1", &bad).unwrap_err();
+            assert_eq!(
+                (e.status, e.code),
+                (StatusCode::UNPROCESSABLE_ENTITY, "invalid_input")
+            );
+            assert!(e.message.contains(why), "{bad}: {e}");
+        }
         for bad in [
             "http://127.0.0.1:8080/",
             "http://10.0.0.1/",

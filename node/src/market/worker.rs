@@ -28,7 +28,7 @@ use std::{
     time::Duration,
 };
 
-use d402_capabilities::Manifest;
+use d402_capabilities::{InputSchema, Manifest};
 use d402_protocol::{
     Amount, Cid, PublicKey, RailKind, Signed, SigningKey, TaskId, Wallets,
     messages::{
@@ -135,6 +135,9 @@ struct Inner {
     bids: Mutex<HashMap<Cid, IssuedBid>>,
     declines: Mutex<BTreeMap<String, u64>>,
     blobs: BlobStore,
+    /// Each offered manifest's compiled input schema (or why it cannot be enforced): a
+    /// lease's input is checked before it runs.
+    input_checks: HashMap<Cid, Result<InputSchema, String>>,
     leases_accepted: AtomicU64,
     claims_sent: AtomicU64,
     claims_inline: AtomicU64,
@@ -168,9 +171,34 @@ fn decline_name(d: &DeclineReason) -> &'static str {
     }
 }
 
+/// Checks a lease's input (JSON bytes) against its manifest's input schema; the refusal
+/// reason (`invalid_input: …`) on failure.
+fn check_input(checks: Option<&Result<InputSchema, String>>, input: &[u8]) -> Result<(), String> {
+    let checks = match checks {
+        Some(Ok(c)) => c,
+        Some(Err(e)) => {
+            return Err(format!(
+                "invalid_input: the input schema cannot be checked ({e})"
+            ));
+        }
+        None => return Err("not_offered".into()),
+    };
+    let value: serde_json::Value = serde_json::from_slice(input)
+        .map_err(|e| format!("invalid_input: the input is not JSON ({e})"))?;
+    checks.check(&value).map_err(|v| {
+        let listed: Vec<String> = v.iter().map(|v| v.to_string()).collect();
+        format!("invalid_input: {}", listed.join("; "))
+    })
+}
+
 fn refuse(reason: impl Into<String>) -> LeaseAck {
     let mut reason = reason.into();
-    reason.truncate(d402_protocol::messages::MAX_REASON);
+    // Capped on the wire; cut on a character boundary (a reason may quote the input).
+    let mut end = d402_protocol::messages::MAX_REASON.min(reason.len());
+    while !reason.is_char_boundary(end) {
+        end -= 1;
+    }
+    reason.truncate(end);
     LeaseAck::Refused { reason }
 }
 
@@ -191,6 +219,17 @@ impl Worker {
             }
             blobs.pin(o.manifest.implementation.cid, o.wasm.clone());
         }
+        let input_checks = cfg
+            .offers
+            .iter()
+            .map(|o| {
+                let checks = o.manifest.input_checks().map_err(|e| e.to_string());
+                if let Err(e) = &checks {
+                    warn!(manifest = %o.manifest_cid, error = %e, "input schema cannot be enforced; its leases are refused");
+                }
+                (o.manifest_cid, checks)
+            })
+            .collect();
         Worker {
             inner: Arc::new(Inner {
                 me: PublicKey(key.verifying_key().to_bytes()),
@@ -202,6 +241,7 @@ impl Worker {
                 bids: Mutex::default(),
                 declines: Mutex::default(),
                 blobs,
+                input_checks,
                 leases_accepted: AtomicU64::new(0),
                 claims_sent: AtomicU64::new(0),
                 claims_inline: AtomicU64::new(0),
@@ -455,6 +495,7 @@ impl Worker {
         else {
             return Err(refuse("not_offered"));
         };
+        check_input(inner.input_checks.get(&l.manifest_cid), &l.input).map_err(refuse)?;
         let Ok(permit) = inner.slots.clone().try_acquire_owned() else {
             return Err(refuse("no_capacity"));
         };
@@ -637,5 +678,57 @@ impl Worker {
             tokio::time::sleep(delay).await;
             delay = (delay * 2).min(Duration::from_secs(2));
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn lease_inputs_are_checked_against_the_manifest_schema() {
+        let schema = InputSchema::compile(&serde_json::json!({
+            "type": "object",
+            "properties": {"url": {"type": "string", "maxLength": 8}},
+            "required": ["url"],
+            "additionalProperties": false
+        }))
+        .unwrap();
+        let checks = Some(Ok(schema));
+        assert_eq!(
+            check_input(checks.as_ref(), br#"{"url":"https://"}"#),
+            Ok(())
+        );
+        for (input, why) in [
+            (
+                &br#"{}"#[..],
+                "invalid_input: input: the property \"url\" is required",
+            ),
+            (
+                br#"{"url":"https://example.com"}"#,
+                "invalid_input: /url: must be at most 8",
+            ),
+            (
+                br#"{"url":"a","x":1}"#,
+                "invalid_input: /x: is not an allowed property",
+            ),
+            (b"not json", "invalid_input: the input is not JSON"),
+        ] {
+            let e = check_input(checks.as_ref(), input).unwrap_err();
+            assert!(e.starts_with(why), "{e}");
+        }
+        assert_eq!(check_input(None, b"{}").unwrap_err(), "not_offered");
+        let broken = Some(Err("input_schema/oneOf: not supported".to_string()));
+        assert!(
+            check_input(broken.as_ref(), b"{}")
+                .unwrap_err()
+                .starts_with("invalid_input")
+        );
+        // A long reason with multi-byte characters is cut on a character boundary.
+        let LeaseAck::Refused { reason } = refuse("é".repeat(1000)) else {
+            panic!("a refusal")
+        };
+        assert!(reason.len() <= d402_protocol::messages::MAX_REASON);
+        assert!(reason.chars().all(|c| c == 'é'));
     }
 }
