@@ -166,6 +166,11 @@ pub struct NodeArgs {
     /// Print the effective configuration as JSON and exit.
     #[arg(long)]
     pub print_config: bool,
+    /// Stop (as on SIGTERM) when standard input reaches its end: a supervisor that holds
+    /// the other end of a pipe takes its children down with it even when it is killed
+    /// with SIGKILL (`d402 devnet` starts its nodes so).
+    #[arg(long, hide = true)]
+    pub exit_with_stdin: bool,
 }
 
 /// The same settings read from a TOML file.
@@ -389,6 +394,7 @@ fn merge(a: &NodeArgs, f: FileConfig) -> NodeArgs {
         max_connections: a.max_connections.or(f.max_connections),
         log_format: a.log_format.clone().or(f.log_format),
         print_config: a.print_config,
+        exit_with_stdin: a.exit_with_stdin,
     }
 }
 

@@ -7,7 +7,7 @@
 
 mod market_support;
 
-use std::net::Ipv4Addr;
+use std::{net::Ipv4Addr, time::Duration};
 
 use d402_node::{
     market::{
@@ -15,10 +15,10 @@ use d402_node::{
         reputation::Policy,
         service::{self, Services},
         tasks::{Phase, TaskRecord},
-        validator::{Validator, ValidatorConfig},
+        validator::{Validator, ValidatorConfig, validator_key},
         worker::WorkerConfig,
     },
-    net::{self, NetConfig, public_key_of},
+    net::{self, LookupOptions, NetConfig, public_key_of},
     state::State,
 };
 use d402_protocol::{RailKind, SigningKey, messages::VerdictOutcome};
@@ -78,11 +78,13 @@ async fn start_validator(dir: &std::path::Path, cfg: ValidatorConfig) -> Validat
 
 /// Three honest workers, one validator (honest or not), a gateway with quorum 2 and one
 /// required verdict; returns the task's final record and the validator's PeerId.
-async fn run(always_disagree: bool) -> (TaskRecord, libp2p::PeerId, Validator) {
-    let dirs: Vec<_> = (0..5).map(|_| tempfile::tempdir().unwrap()).collect();
+/// With `discover`, the gateway is given no validator: it finds the validator under the
+/// validator key in the DHT, where the validator announced itself.
+async fn run(always_disagree: bool, discover: bool) -> (TaskRecord, libp2p::PeerId, Validator) {
+    let dirs: Vec<_> = (0..6).map(|_| tempfile::tempdir().unwrap()).collect();
     let offer = echo_offer(10);
     let mut workers = Vec::new();
-    for (i, d) in dirs[2..].iter().enumerate() {
+    for (i, d) in dirs[2..5].iter().enumerate() {
         let cfg = WorkerConfig::new(
             vec![offer.clone()],
             vec![RailKind::Local],
@@ -102,11 +104,52 @@ async fn run(always_disagree: bool) -> (TaskRecord, libp2p::PeerId, Validator) {
     }
     let mut cfg = coordinator_config();
     cfg.validators = 1;
-    cfg.validator_peers = vec![(vpeer, vec![v.addr.clone()])];
+    if !discover {
+        cfg.validator_peers = vec![(vpeer, vec![v.addr.clone()])];
+    }
     let gw = start_gateway(dirs[0].path(), seed(), 0, cfg, Policy::default()).await;
     for w in &workers {
         gw.net.connect(w.addr.clone()).await.unwrap();
     }
+    // With `discover`: a bootstrap (Kademlia server and rendezvous point) that both know,
+    // as in `d402 devnet`; the validator announces itself as `d402 node --validator` does.
+    let boot = if discover {
+        let state = State::open(dirs[5].path()).unwrap();
+        let mut bcfg = NetConfig::new(Ipv4Addr::LOCALHOST.into(), 0);
+        bcfg.quic = false;
+        bcfg.kad_server = true;
+        bcfg.rendezvous_server = true;
+        let boot = net::start(bcfg, &SigningKey::from_bytes(&seed()), state)
+            .await
+            .unwrap();
+        let addr = boot
+            .handle()
+            .listen_addrs()
+            .await
+            .unwrap()
+            .into_iter()
+            .find(|a| a.iter().any(|p| matches!(p, Protocol::Tcp(_))))
+            .unwrap();
+        v.node.handle().connect(addr.clone()).await.unwrap();
+        gw.net.connect(addr).await.unwrap();
+        v.validator.announce().await.unwrap();
+        // The gateway finds it under the validator key before the task needs it.
+        eventually("the validator found under its key", || {
+            let net = gw.net.clone();
+            async move {
+                let opts = LookupOptions {
+                    limit: Some(1),
+                    timeout: Duration::from_secs(2),
+                };
+                let found = net.find_providers(validator_key(), opts).await.ok()?;
+                found.iter().any(|p| p.peer_id == vpeer).then_some(())
+            }
+        })
+        .await;
+        Some(boot)
+    } else {
+        None
+    };
     let coord = gw.coordinator.clone().unwrap();
     let spec = task(&offer, br#"{"n":7}"#, 3, 2);
     let done = tokio::time::timeout(TIMEOUT, coord.run_task(spec))
@@ -124,12 +167,15 @@ async fn run(always_disagree: bool) -> (TaskRecord, libp2p::PeerId, Validator) {
     v.service.abort();
     let validator = v.validator.clone();
     v.node.shutdown().await;
+    if let Some(b) = boot {
+        b.shutdown().await;
+    }
     (done, vpeer, validator)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn quorum_2_plus_1_validator_accepted_with_a_recorded_signed_verdict() {
-    let (done, vpeer, validator) = run(false).await;
+    let (done, vpeer, validator) = run(false, false).await;
     assert_eq!(done.phase, Phase::Accepted, "{done:?}");
     assert_eq!(done.validators, 1);
     assert_eq!(done.verdicts.len(), 1, "{:?}", done.verdicts);
@@ -153,7 +199,7 @@ async fn quorum_2_plus_1_validator_accepted_with_a_recorded_signed_verdict() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_disagreeing_validator_blocks_acceptance() {
-    let (done, vpeer, validator) = run(true).await;
+    let (done, vpeer, validator) = run(true, false).await;
     let Phase::Failed { reason } = &done.phase else {
         panic!("accepted despite a disagreeing verdict: {done:?}");
     };
@@ -166,4 +212,13 @@ async fn a_disagreeing_validator_blocks_acceptance() {
         VerdictOutcome::Disagree { .. }
     ));
     assert_eq!(validator.stats().disagreed, 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_validator_announced_in_the_dht_is_found_and_asked() {
+    let (done, vpeer, validator) = run(false, true).await;
+    assert_eq!(done.phase, Phase::Accepted, "{done:?}");
+    assert_eq!(done.verdicts.len(), 1, "{:?}", done.verdicts);
+    assert_eq!(done.verdicts[0].peer, vpeer.to_bytes());
+    assert_eq!(validator.stats().agreed, 1);
 }

@@ -375,3 +375,50 @@ fn an_offer_that_does_not_resolve_stops_the_node_at_start() {
     // It never joined the network, so it made no identity key.
     assert!(!dir.path().join("node.key").exists());
 }
+
+#[test]
+fn a_node_started_with_exit_with_stdin_stops_when_its_supervisor_goes() {
+    // What `d402 devnet` relies on when it is killed with SIGKILL: the kernel closes the
+    // pipe it holds, and the node shuts down cleanly.
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("n");
+    let mut child = Command::new(D402)
+        .args([
+            "node",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            "0",
+            "--exit-with-stdin",
+        ])
+        .arg("--state")
+        .arg(&state)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("start d402");
+    let stdout = child.stdout.take().unwrap();
+    let mut line = String::new();
+    BufReader::new(stdout).read_line(&mut line).unwrap();
+    assert!(line.contains("\"listening\""), "{line}");
+    // Still running while the pipe is open.
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(
+        child.try_wait().unwrap().is_none(),
+        "exited with its stdin open"
+    );
+    drop(child.stdin.take());
+    let end = Instant::now() + TIMEOUT;
+    let status = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break s;
+        }
+        if Instant::now() > end {
+            let _ = child.kill();
+            panic!("the node did not stop when its stdin closed");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert!(status.success(), "{status}");
+}

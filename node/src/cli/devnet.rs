@@ -14,7 +14,9 @@
 //!
 //! The children run in their own process group. They are stopped (SIGTERM, then SIGKILL)
 //! when the devnet ends, on Ctrl-C or SIGTERM, and killed when it unwinds from a panic
-//! (`kill_on_drop`). A devnet killed with SIGKILL cannot stop them.
+//! (`kill_on_drop`). A devnet killed with SIGKILL cannot signal them, so each child's
+//! standard input is a pipe from the devnet and each runs with `--exit-with-stdin`: the
+//! kernel closes the pipes when the devnet dies, and the children shut down.
 
 use std::{
     collections::BTreeMap,
@@ -351,7 +353,10 @@ async fn start_node(
         .arg(dir.join("nodes").join(name))
         .args(["--host", "127.0.0.1", "--port", "0"])
         .args(&args)
-        .stdin(Stdio::null())
+        // The child stops when this pipe closes: when the devnet ends in any way, SIGKILL
+        // included (the write end stays in `child` until then).
+        .arg("--exit-with-stdin")
+        .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::from(log))
         .kill_on_drop(true)

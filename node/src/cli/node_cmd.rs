@@ -68,7 +68,7 @@ pub fn run(args: NodeArgs) -> anyhow::Result<()> {
         .enable_all()
         .build()
         .context("cannot start the async runtime")?;
-    rt.block_on(run_node(cfg))
+    rt.block_on(run_node(cfg, args.exit_with_stdin))
 }
 
 fn init_logging(format: LogFormat) {
@@ -96,7 +96,7 @@ pub fn net_config(cfg: &NodeConfig) -> NetConfig {
     n
 }
 
-async fn run_node(cfg: NodeConfig) -> anyhow::Result<()> {
+async fn run_node(cfg: NodeConfig, exit_with_stdin: bool) -> anyhow::Result<()> {
     let roles = cfg.roles();
     let span = tracing::info_span!("node", label = %cfg.label);
     let _enter = span.enter();
@@ -231,7 +231,7 @@ async fn run_node(cfg: NodeConfig) -> anyhow::Result<()> {
     }
     println!("{line}");
 
-    wait_for_signal().await?;
+    wait_for_signal(exit_with_stdin).await?;
     info!("shutting down");
     if let Some(u) = refusing {
         u.shutdown().await;
@@ -411,12 +411,42 @@ async fn start_gateway(
     Ok(g)
 }
 
-async fn wait_for_signal() -> anyhow::Result<()> {
+/// Waits for SIGINT or SIGTERM, and with `stdin_eof` also for standard input to end.
+async fn wait_for_signal(stdin_eof: bool) -> anyhow::Result<()> {
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
         .context("cannot install the SIGTERM handler")?;
+    let eof = async {
+        if !stdin_eof {
+            return std::future::pending::<()>().await;
+        }
+        // A plain thread, not the blocking pool: the runtime would wait for a read that may
+        // never end when it shuts down on a signal.
+        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+        let spawned = std::thread::Builder::new()
+            .name("stdin-watch".into())
+            .spawn(move || {
+                let mut buf = [0u8; 256];
+                // Whatever arrives is ignored; the end of the stream (or an error) is the
+                // signal.
+                while matches!(std::io::Read::read(&mut std::io::stdin(), &mut buf), Ok(n) if n > 0)
+                {
+                }
+                let _ = tx.send(());
+            });
+        match spawned {
+            Ok(_) => {
+                let _ = rx.await;
+            }
+            Err(e) => {
+                warn!(error = %e, "cannot watch standard input; only signals stop this node");
+                std::future::pending::<()>().await
+            }
+        }
+    };
     tokio::select! {
         r = tokio::signal::ctrl_c() => r.context("cannot wait for SIGINT")?,
         _ = term.recv() => {}
+        _ = eof => info!("standard input closed (the supervising process is gone)"),
     }
     Ok(())
 }
