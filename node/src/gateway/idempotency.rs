@@ -30,6 +30,8 @@ use serde::{Deserialize, Serialize};
 
 use d402_protocol::{TaskId, UnixMillis};
 
+use tracing::{info, warn};
+
 use super::error::ApiError;
 use crate::state::{State, StateError, decode, encode};
 
@@ -445,27 +447,81 @@ impl Idempotency {
     }
 
     /// Removes finished records created before `before` (Unix ms); returns how many.
-    /// Running records are kept.
+    /// Running records are kept. Candidates are found in a read transaction and removed
+    /// [`PURGE_BATCH`] per write transaction (each re-checked there), so a large purge never
+    /// holds the writer long enough to stall paid requests.
     pub fn purge_finished_before(&self, before: UnixMillis) -> Result<usize, IdempotencyError> {
-        self.state
-            .write(|tx| {
-                let mut t = tx.open_table(IDEMPOTENCY)?;
-                let mut old = Vec::new();
+        let old = |rec: &Record| matches!(rec.phase, Phase::Done(_)) && rec.created_at < before;
+        let candidates: Vec<Vec<u8>> = self
+            .state
+            .read(|tx| {
+                let t = match tx.open_table(IDEMPOTENCY) {
+                    Ok(t) => t,
+                    Err(redb::TableError::TableDoesNotExist(_)) => return Ok(Vec::new()),
+                    Err(e) => return Err(e.into()),
+                };
+                let mut out = Vec::new();
                 for row in t.iter()? {
                     let (k, v) = row?;
-                    let rec: Record = decode("idempotency", v.value(), MAX_RECORD)?;
-                    if matches!(rec.phase, Phase::Done(_)) && rec.created_at < before {
-                        old.push(k.value().to_vec());
+                    if old(&decode::<Record>("idempotency", v.value(), MAX_RECORD)?) {
+                        out.push(k.value().to_vec());
                     }
                 }
-                for k in &old {
-                    t.remove(k.as_slice())?;
-                }
-                Ok(Ok(old.len()))
+                Ok(out)
             })
-            .map_err(IdempotencyError::from)?
+            .map_err(IdempotencyError::from)?;
+        let mut removed = 0;
+        for batch in candidates.chunks(PURGE_BATCH) {
+            removed += self
+                .state
+                .write(|tx| {
+                    let mut t = tx.open_table(IDEMPOTENCY)?;
+                    let mut n = 0;
+                    for k in batch {
+                        let gone = match t.get(k.as_slice())? {
+                            Some(v) => {
+                                old(&decode::<Record>("idempotency", v.value(), MAX_RECORD)?)
+                            }
+                            None => false,
+                        };
+                        if gone {
+                            t.remove(k.as_slice())?;
+                            n += 1;
+                        }
+                    }
+                    Ok(n)
+                })
+                .map_err(IdempotencyError::from)?;
+        }
+        Ok(removed)
+    }
+
+    /// Purges, every `every`, the finished records older than `ttl` (see
+    /// [`Idempotency::purge_finished_before`]); runs until the task is dropped or aborted.
+    /// A request retried with the same key after `ttl` runs (and is charged) again.
+    pub async fn purge_periodically(self, ttl: std::time::Duration, every: std::time::Duration) {
+        let mut tick = tokio::time::interval(every);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tick.tick().await;
+            let before = now_ms().saturating_sub(ttl.as_millis() as u64);
+            let me = self.clone();
+            match tokio::task::spawn_blocking(move || me.purge_finished_before(before)).await {
+                Ok(Ok(0)) => {}
+                Ok(Ok(n)) => info!(removed = n, "old idempotency records purged"),
+                Ok(Err(e)) => warn!(error = %e, "cannot purge old idempotency records"),
+                Err(e) => warn!(error = %e, "the idempotency purge failed"),
+            }
+        }
     }
 }
+
+/// Records removed per write transaction by [`Idempotency::purge_finished_before`].
+pub const PURGE_BATCH: usize = 256;
+
+/// How long a finished request's answer is kept for replay by default (a day, as common
+/// payment APIs do).
+pub const DEFAULT_TTL: std::time::Duration = std::time::Duration::from_secs(24 * 60 * 60);
 
 #[cfg(test)]
 mod tests {
@@ -730,5 +786,39 @@ mod tests {
                 task_id: TaskId([2; 16])
             }
         );
+    }
+
+    #[tokio::test]
+    async fn finished_records_past_their_ttl_are_purged_in_the_background() {
+        let dir = tempfile::tempdir().unwrap();
+        let idem = Idempotency::new(State::open(dir.path()).unwrap());
+        // More than one batch of finished records, and one still running.
+        for i in 0..(PURGE_BATCH + 10) {
+            let k = format!("done-{i}");
+            idem.begin(&k, [1; 32], TaskId([1; 16])).unwrap();
+            idem.finish(&k, &answer(1)).unwrap();
+        }
+        idem.begin("running", [2; 32], TaskId([2; 16])).unwrap();
+        let purger = tokio::spawn(idem.clone().purge_periodically(
+            std::time::Duration::from_millis(100),
+            std::time::Duration::from_millis(20),
+        ));
+        let end = std::time::Instant::now() + std::time::Duration::from_secs(20);
+        while idem.task_of("done-0").unwrap().is_some()
+            || idem
+                .task_of(&format!("done-{}", PURGE_BATCH + 9))
+                .unwrap()
+                .is_some()
+        {
+            assert!(std::time::Instant::now() < end, "never purged");
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+        purger.abort();
+        assert_eq!(idem.task_of("running").unwrap(), Some(TaskId([2; 16])));
+        // A fresh finished record is kept until its own TTL passes.
+        idem.begin("fresh", [3; 32], TaskId([3; 16])).unwrap();
+        idem.finish("fresh", &answer(3)).unwrap();
+        assert_eq!(idem.purge_finished_before(now_ms() - 60_000).unwrap(), 0);
+        assert_eq!(idem.task_of("fresh").unwrap(), Some(TaskId([3; 16])));
     }
 }

@@ -85,6 +85,9 @@ pub struct GatewayConfig {
     pub task_timeout: Duration,
     /// Largest `POST /v1/tasks` body.
     pub max_body: usize,
+    /// How long a keyed request's answer is kept for replay; older finished records are
+    /// purged every `idempotency_ttl / 24`, kept between a second and an hour.
+    pub idempotency_ttl: Duration,
 }
 
 impl GatewayConfig {
@@ -96,6 +99,7 @@ impl GatewayConfig {
             dev_faucet,
             task_timeout: DEFAULT_TASK_TIMEOUT,
             max_body: MAX_TASK_BODY,
+            idempotency_ttl: idempotency::DEFAULT_TTL,
         }
     }
 }
@@ -158,6 +162,13 @@ pub struct Gateway {
     app: Arc<AppState>,
     stop: Option<oneshot::Sender<()>>,
     server: JoinHandle<()>,
+    purger: JoinHandle<()>,
+}
+
+impl Drop for Gateway {
+    fn drop(&mut self) {
+        self.purger.abort();
+    }
 }
 
 impl std::fmt::Debug for Gateway {
@@ -266,12 +277,18 @@ impl Gateway {
                 warn!(error = %e, "the HTTP server stopped");
             }
         });
+        let ttl = app.config.idempotency_ttl;
+        let purger = tokio::spawn(app.idempotency.clone().purge_periodically(
+            ttl,
+            (ttl / 24).clamp(Duration::from_secs(1), Duration::from_secs(3600)),
+        ));
         info!(%addr, "gateway HTTP API listening");
         Ok(Gateway {
             addr,
             app,
             stop: Some(stop),
             server,
+            purger,
         })
     }
 
@@ -292,6 +309,7 @@ impl Gateway {
 
     /// Stops accepting requests and waits (up to 10 s) for those in flight.
     pub async fn shutdown(mut self) {
+        self.purger.abort();
         if let Some(stop) = self.stop.take() {
             let _ = stop.send(());
         }
