@@ -13,18 +13,9 @@ use d402_node::market::{
     now_ms,
     reputation::Policy,
     tasks::{ClaimJudgement, LeaseStatus, Phase},
-    worker::WorkerConfig,
 };
-use d402_protocol::{Cid, RailKind, Signed, SigningKey, TaskId, messages::Claim};
+use d402_protocol::{Cid, Signed, SigningKey, TaskId, messages::Claim};
 use market_support::*;
-
-fn worker_cfg(offer: &d402_node::market::worker::OfferedCapability, i: usize) -> WorkerConfig {
-    WorkerConfig::new(
-        vec![offer.clone()],
-        vec![RailKind::Local],
-        wallets(&format!("worker{i}")),
-    )
-}
 
 /// 2 honest workers and 1 that corrupts its output, fanout 3, quorum 2. Each task is
 /// accepted with the honest output and the liar's claim is rejected; its score drops with

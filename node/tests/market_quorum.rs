@@ -33,11 +33,7 @@ async fn honest_quorum(window: Duration, inline: u64) {
     let offer = echo_offer(10);
     let mut workers = Vec::new();
     for (i, d) in dirs[1..].iter().enumerate() {
-        let mut cfg = WorkerConfig::new(
-            vec![offer.clone()],
-            vec![RailKind::Local],
-            wallets(&format!("worker{i}")),
-        );
+        let mut cfg = worker_cfg(&offer, i);
         cfg.inline_claim_window = window;
         workers.push(start_worker(d.path(), cfg).await);
     }
@@ -307,11 +303,7 @@ async fn a_late_claim_closing_the_last_lease_settles_in_its_own_commit() {
     let offer = echo_offer(10);
     let mut workers = Vec::new();
     for (i, d) in dirs[1..].iter().enumerate() {
-        let mut cfg = WorkerConfig::new(
-            vec![offer.clone()],
-            vec![RailKind::Local],
-            wallets(&format!("worker{i}")),
-        );
+        let mut cfg = worker_cfg(&offer, i);
         if i == 2 {
             cfg.faults.claim_delay = Duration::from_millis(500);
         }

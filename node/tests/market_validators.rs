@@ -16,13 +16,10 @@ use d402_node::{
         service::{self, Services},
         tasks::{Phase, TaskRecord},
         validator::{Validator, ValidatorConfig, validator_key},
-        worker::WorkerConfig,
     },
     net::{self, LookupOptions, NetConfig, public_key_of},
-    state::State,
 };
-use d402_protocol::{RailKind, SigningKey, messages::VerdictOutcome};
-use libp2p::multiaddr::Protocol;
+use d402_protocol::{SigningKey, messages::VerdictOutcome};
 use market_support::*;
 
 struct ValidatorNode {
@@ -34,20 +31,7 @@ struct ValidatorNode {
 
 async fn start_validator(dir: &std::path::Path, cfg: ValidatorConfig) -> ValidatorNode {
     let seed = seed();
-    let state = State::open(dir).unwrap();
-    let mut ncfg = NetConfig::new(Ipv4Addr::LOCALHOST.into(), 0);
-    ncfg.quic = false;
-    let node = net::start(ncfg, &SigningKey::from_bytes(&seed), state)
-        .await
-        .unwrap();
-    let net = node.handle();
-    let addr = net
-        .listen_addrs()
-        .await
-        .unwrap()
-        .into_iter()
-        .find(|a| a.iter().any(|p| matches!(p, Protocol::Tcp(_))))
-        .unwrap();
+    let (node, net, addr, _) = start_net(dir, seed, 0).await;
     let blobs = BlobStore::new(64 * 1024 * 1024);
     let validator = Validator::new(
         SigningKey::from_bytes(&seed),
@@ -85,12 +69,7 @@ async fn run(always_disagree: bool, discover: bool) -> (TaskRecord, libp2p::Peer
     let offer = echo_offer(10);
     let mut workers = Vec::new();
     for (i, d) in dirs[2..5].iter().enumerate() {
-        let cfg = WorkerConfig::new(
-            vec![offer.clone()],
-            vec![RailKind::Local],
-            wallets(&format!("worker{i}")),
-        );
-        workers.push(start_worker(d.path(), cfg).await);
+        workers.push(start_worker(d.path(), worker_cfg(&offer, i)).await);
     }
     #[allow(unused_mut)]
     let mut vcfg = ValidatorConfig::default();
@@ -114,22 +93,11 @@ async fn run(always_disagree: bool, discover: bool) -> (TaskRecord, libp2p::Peer
     // With `discover`: a bootstrap (Kademlia server and rendezvous point) that both know,
     // as in `d402 devnet`; the validator announces itself as `d402 node --validator` does.
     let boot = if discover {
-        let state = State::open(dirs[5].path()).unwrap();
         let mut bcfg = NetConfig::new(Ipv4Addr::LOCALHOST.into(), 0);
         bcfg.quic = false;
         bcfg.kad_server = true;
         bcfg.rendezvous_server = true;
-        let boot = net::start(bcfg, &SigningKey::from_bytes(&seed()), state)
-            .await
-            .unwrap();
-        let addr = boot
-            .handle()
-            .listen_addrs()
-            .await
-            .unwrap()
-            .into_iter()
-            .find(|a| a.iter().any(|p| matches!(p, Protocol::Tcp(_))))
-            .unwrap();
+        let (boot, _, addr, _) = start_net_with(dirs[5].path(), seed(), bcfg).await;
         v.node.handle().connect(addr.clone()).await.unwrap();
         gw.net.connect(addr).await.unwrap();
         v.validator.announce().await.unwrap();

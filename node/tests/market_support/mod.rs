@@ -127,9 +127,19 @@ pub async fn start_net(
     seed: [u8; 32],
     port: u16,
 ) -> (Node, NetHandle, Multiaddr, State) {
-    let state = State::open(dir).unwrap();
     let mut cfg = NetConfig::new(Ipv4Addr::LOCALHOST.into(), port);
     cfg.quic = false;
+    start_net_with(dir, seed, cfg).await
+}
+
+/// A node with `cfg` (e.g. a bootstrap: Kademlia server and rendezvous point), its handle,
+/// its TCP address and its state.
+pub async fn start_net_with(
+    dir: &Path,
+    seed: [u8; 32],
+    cfg: NetConfig,
+) -> (Node, NetHandle, Multiaddr, State) {
+    let state = State::open(dir).unwrap();
     let node = net::start(cfg, &SigningKey::from_bytes(&seed), state.clone())
         .await
         .unwrap();
@@ -146,6 +156,15 @@ pub async fn start_net(
 
 pub fn wallets(name: &str) -> BTreeMap<Chain, String> {
     [(Chain::Local, name.to_string())].into_iter().collect()
+}
+
+/// Worker `i` selling `offer` on the local rail, paid to wallet `worker{i}`.
+pub fn worker_cfg(offer: &OfferedCapability, i: usize) -> WorkerConfig {
+    WorkerConfig::new(
+        vec![offer.clone()],
+        vec![RailKind::Local],
+        wallets(&format!("worker{i}")),
+    )
 }
 
 pub async fn start_worker(dir: &Path, cfg: WorkerConfig) -> MarketNode {
