@@ -160,6 +160,10 @@ pub struct NodeArgs {
     /// Most peer connections. Default 512.
     #[arg(long, env = "D402_MAX_CONNECTIONS")]
     pub max_connections: Option<u32>,
+    /// Gateway: hours a request's answer stays replayable under its `Idempotency-Key`
+    /// (1 to 720); older answers are purged and the key may run again. Default 24.
+    #[arg(long, env = "D402_IDEMPOTENCY_TTL_HOURS")]
+    pub idempotency_ttl_hours: Option<u32>,
     /// Log format: text or json.
     #[arg(long, env = "D402_LOG_FORMAT")]
     pub log_format: Option<String>,
@@ -214,6 +218,7 @@ pub struct FileConfig {
     quorum: Option<u32>,
     kad_mode: Option<String>,
     max_connections: Option<u32>,
+    idempotency_ttl_hours: Option<u32>,
     log_format: Option<String>,
 }
 
@@ -322,6 +327,8 @@ pub struct NodeConfig {
     pub kad_mode: KadMode,
     /// Connection limit.
     pub max_connections: u32,
+    /// How long an idempotent answer is kept (gateway).
+    pub idempotency_ttl: std::time::Duration,
     /// Log format.
     pub log_format: LogFormat,
 }
@@ -392,6 +399,7 @@ fn merge(a: &NodeArgs, f: FileConfig) -> NodeArgs {
         quorum: a.quorum.or(f.quorum),
         kad_mode: a.kad_mode.clone().or(f.kad_mode),
         max_connections: a.max_connections.or(f.max_connections),
+        idempotency_ttl_hours: a.idempotency_ttl_hours.or(f.idempotency_ttl_hours),
         log_format: a.log_format.clone().or(f.log_format),
         print_config: a.print_config,
         exit_with_stdin: a.exit_with_stdin,
@@ -684,6 +692,10 @@ impl NodeArgs {
         if max_connections < 8 {
             bail!("--max-connections {max_connections} is below 8");
         }
+        let ttl_hours = self.idempotency_ttl_hours.unwrap_or(24);
+        if !(1..=720).contains(&ttl_hours) {
+            bail!("--idempotency-ttl-hours {ttl_hours} must be 1 to 720");
+        }
         let log_format = match self.log_format.as_deref() {
             None | Some("text") => LogFormat::Text,
             Some("json") => LogFormat::Json,
@@ -712,6 +724,10 @@ impl NodeArgs {
                 ("--quorum", self.quorum.is_some()),
                 ("--trusted-namespace", !trusted_namespaces.is_empty()),
                 ("--accept-manifest-cid", !accepted_manifest_cids.is_empty()),
+                (
+                    "--idempotency-ttl-hours",
+                    self.idempotency_ttl_hours.is_some(),
+                ),
             ];
             if let Some((flag, _)) = gateway_only.iter().find(|(_, set)| *set) {
                 bail!("{flag} is a gateway setting: a gateway also needs --http-port");
@@ -749,6 +765,7 @@ impl NodeArgs {
             quorum,
             kad_mode,
             max_connections,
+            idempotency_ttl: std::time::Duration::from_secs(u64::from(ttl_hours) * 3600),
             log_format,
         })
     }
@@ -829,6 +846,7 @@ impl NodeConfig {
             "kad_server": self.kad_server(),
             "roles": self.roles(),
             "max_connections": self.max_connections,
+            "idempotency_ttl_hours": self.idempotency_ttl.as_secs() / 3600,
             "log_format": self.log_format,
         })
     }
@@ -1058,6 +1076,14 @@ mod tests {
                 "/p2p/",
             ),
             (&["--validators", "1"], "--validators"),
+            (
+                &["--http-port", "1", "--idempotency-ttl-hours", "0"],
+                "--idempotency-ttl-hours",
+            ),
+            (
+                &["--idempotency-ttl-hours", "48"],
+                "--idempotency-ttl-hours",
+            ),
         ];
         for (argv, flag) in cases {
             let err = format!("{:#}", parse(argv).unwrap_err());
@@ -1106,6 +1132,10 @@ mod tests {
         assert_eq!(c.port, 7001);
         assert_eq!(c.peers.len(), 1);
         assert_eq!(c.gateway_price_units, Some(20_000));
+        assert_eq!(c.idempotency_ttl.as_secs(), 24 * 3600);
+        std::fs::write(&path, "http-port = 8080\nidempotency-ttl-hours = 48\n").unwrap();
+        let c = parse(&["--config", p]).unwrap();
+        assert_eq!(c.idempotency_ttl.as_secs(), 48 * 3600);
 
         std::fs::write(&path, "prot = 1\n").unwrap();
         let err = format!("{:#}", parse(&["--config", p]).unwrap_err());

@@ -396,8 +396,10 @@ async fn start_gateway(
     let rail = open_local_rail(&cfg.state_dir, state, cfg.dev_faucet)?;
     let policy = GatewayPolicy::new(&gateway_settings(cfg, rail.asset()), offers)?;
     let (host, port) = cfg.http.context("a gateway needs --http-port")?;
+    let mut gcfg = GatewayConfig::new((host, port).into(), cfg.dev_faucet);
+    gcfg.idempotency_ttl = cfg.idempotency_ttl;
     let g = Gateway::start(
-        GatewayConfig::new((host, port).into(), cfg.dev_faucet),
+        gcfg,
         GatewayParts {
             rail,
             coordinator,

@@ -207,7 +207,7 @@ pub fn document() -> Value {
     let mut schemas = serde_json::Map::new();
     let parameters = json!({
         "IdempotencyKey": {"name": "Idempotency-Key", "in": "header", "required": false,
-            "description": "Same key and body: the stored answer, no second charge. Other body: 422 idempotency_key_reused. While the first runs: 409 idempotency_in_progress. Answers are kept for 24 hours; after that the key is free again.",
+            "description": "Same key and body: the stored answer, no second charge. Other body: 422 idempotency_key_reused. While the first runs: 409 idempotency_in_progress. Answers are kept for 24 hours unless the operator set --idempotency-ttl-hours; after that the key is free again.",
             "schema": {"type": "string", "minLength": 1, "maxLength": 128, "pattern": "^[\\x21-\\x7e]+$"}},
         "PaymentSignature": {"name": "PAYMENT-SIGNATURE", "in": "header", "required": false,
             "description": "x402 v2 payment payload, base64 JSON.",
