@@ -21,8 +21,10 @@
 //!   `contentEncoding`.
 //!
 //! A boolean schema (`true` accepts anything, `false` nothing) is allowed where a schema is.
-//! Compilation caps nesting at [`MAX_DEPTH`] and each pattern's compiled size, so a
-//! manifest cannot make its checks expensive; checking is linear in the input.
+//! Compilation caps nesting at [`MAX_DEPTH`], the number of patterns at [`MAX_PATTERNS`] and
+//! each pattern's compiled size, so a manifest cannot make its checks expensive; checking is
+//! linear in the input (`uniqueItems` hashes each item's JSON text; like `enum` and `const`
+//! it compares values as written, so `1` and `1.0` differ).
 
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -69,7 +71,11 @@ pub const SUPPORTED: &[&str] = &[
 pub const MAX_DEPTH: usize = 32;
 
 /// Largest compiled form of one `pattern`, in bytes.
-pub const MAX_PATTERN_SIZE: usize = 256 * 1024;
+pub const MAX_PATTERN_SIZE: usize = 64 * 1024;
+
+/// Most `pattern`s in one schema (manifests arrive from untrusted peers and are compiled
+/// when validated: this bounds the work and memory one manifest can cost).
+pub const MAX_PATTERNS: usize = 32;
 
 /// The most violations one check reports.
 pub const MAX_VIOLATIONS: usize = 8;
@@ -230,8 +236,9 @@ impl InputSchema {
     /// Compiles `schema`, refusing keywords outside [`SUPPORTED`], malformed values and
     /// nesting deeper than [`MAX_DEPTH`].
     pub fn compile(schema: &Value) -> Result<InputSchema, SchemaError> {
+        let mut patterns = 0;
         Ok(InputSchema {
-            root: std::sync::Arc::new(compile(schema, "", 0)?),
+            root: std::sync::Arc::new(compile(schema, "", 0, &mut patterns)?),
         })
     }
 
@@ -256,7 +263,12 @@ fn int(v: &Value, path: &str, key: &str) -> Result<i128, SchemaError> {
     }
 }
 
-fn compile(schema: &Value, path: &str, depth: usize) -> Result<Node, SchemaError> {
+fn compile(
+    schema: &Value,
+    path: &str,
+    depth: usize,
+    patterns: &mut usize,
+) -> Result<Node, SchemaError> {
     if depth > MAX_DEPTH {
         return Err(err(path, format!("schemas nest deeper than {MAX_DEPTH}")));
     }
@@ -309,8 +321,10 @@ fn compile(schema: &Value, path: &str, depth: usize) -> Result<Node, SchemaError
                     .as_object()
                     .ok_or_else(|| err(&at, "must be an object of schemas"))?;
                 for (name, s) in props {
-                    r.properties
-                        .insert(name.clone(), compile(s, &pointer(&at, name), depth + 1)?);
+                    r.properties.insert(
+                        name.clone(),
+                        compile(s, &pointer(&at, name), depth + 1, patterns)?,
+                    );
                 }
             }
             "required" => {
@@ -328,10 +342,10 @@ fn compile(schema: &Value, path: &str, depth: usize) -> Result<Node, SchemaError
                     r.required.push(n.to_string());
                 }
             }
-            "additionalProperties" => r.additional = Some(compile(v, &at, depth + 1)?),
+            "additionalProperties" => r.additional = Some(compile(v, &at, depth + 1, patterns)?),
             "minProperties" => r.min_properties = Some(uint(v, path, key)?),
             "maxProperties" => r.max_properties = Some(uint(v, path, key)?),
-            "items" => r.items = Some(compile(v, &at, depth + 1)?),
+            "items" => r.items = Some(compile(v, &at, depth + 1, patterns)?),
             "minItems" => r.min_items = Some(uint(v, path, key)?),
             "maxItems" => r.max_items = Some(uint(v, path, key)?),
             "uniqueItems" => {
@@ -341,6 +355,13 @@ fn compile(schema: &Value, path: &str, depth: usize) -> Result<Node, SchemaError
             "maxLength" => r.max_length = Some(uint(v, path, key)?),
             "pattern" => {
                 let p = v.as_str().ok_or_else(|| err(&at, "must be a string"))?;
+                *patterns += 1;
+                if *patterns > MAX_PATTERNS {
+                    return Err(err(
+                        &at,
+                        format!("a schema may use at most {MAX_PATTERNS} patterns"),
+                    ));
+                }
                 let re = regex::RegexBuilder::new(p)
                     .size_limit(MAX_PATTERN_SIZE)
                     .build()
@@ -456,7 +477,7 @@ fn check(node: &Node, v: &Value, path: &str, out: &mut Vec<Violation>) {
                 fail(out, format!("must have at most {max} items, not {n}"));
             }
             if r.unique_items
-                && let Some(j) = (1..a.len()).find(|&j| a[..j].contains(&a[j]))
+                && let Some(j) = first_repeat(a)
             {
                 fail(
                     out,
@@ -471,8 +492,13 @@ fn check(node: &Node, v: &Value, path: &str, out: &mut Vec<Violation>) {
         }
         Value::String(s) => {
             // Length in Unicode scalar values, counted only as far as a bound needs.
-            let bound = r.max_length.map_or(r.min_length.unwrap_or(0), |m| m + 1);
-            let n = s.chars().take(bound as usize).count() as u64;
+            let bound = r
+                .max_length
+                .map_or(r.min_length.unwrap_or(0), |m| m.saturating_add(1));
+            let n = s
+                .chars()
+                .take(usize::try_from(bound).unwrap_or(usize::MAX))
+                .count() as u64;
             if let Some(min) = r.min_length
                 && n < min
             {
@@ -532,6 +558,12 @@ fn check(node: &Node, v: &Value, path: &str, out: &mut Vec<Violation>) {
         }
         Value::Null | Value::Bool(_) => {}
     }
+}
+
+/// The index of the first item equal (as JSON text) to an earlier one.
+fn first_repeat(items: &[Value]) -> Option<usize> {
+    let mut seen = std::collections::HashSet::with_capacity(items.len());
+    items.iter().position(|item| !seen.insert(item.to_string()))
 }
 
 fn check_object(
@@ -703,6 +735,7 @@ mod tests {
             (json!({"format": "email"}), "/format"),
             (json!({"pattern": "(?<=a)b"}), "/pattern"),
             (json!({"pattern": "a{1000}{1000}"}), "/pattern"),
+            (json!({"pattern": "\\w{2000}"}), "/pattern"),
             (json!({"minLength": -1}), "/minLength"),
             (json!({"multipleOf": 0}), "/multipleOf"),
             (json!({"required": ["a", "a"]}), "/required"),
@@ -718,5 +751,14 @@ mod tests {
         }
         assert!(InputSchema::compile(&deep).is_err());
         assert!(InputSchema::compile(&json!({"title": "x", "description": "y"})).is_ok());
+        let many: Map<String, Value> = (0..=MAX_PATTERNS)
+            .map(|i| (format!("p{i}"), json!({"pattern": "^a"})))
+            .collect();
+        let e = InputSchema::compile(&json!({ "properties": many })).unwrap_err();
+        assert!(e.message.contains("at most"), "{e}");
+        // Bounds at the edge of the integer range neither overflow nor wrap.
+        let s = InputSchema::compile(&json!({"minLength": 1, "maxLength": u64::MAX})).unwrap();
+        assert!(s.check(&json!("abc")).is_ok());
+        assert!(s.check(&json!("")).is_err());
     }
 }

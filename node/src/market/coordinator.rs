@@ -439,6 +439,9 @@ impl Coordinator {
     /// Drives a task from its persisted phase to its end.
     pub async fn drive(&self, id: TaskId) -> Result<TaskRecord, CoordinatorError> {
         let span = info_span!("task", task = %id);
+        // Held for the whole drive, so the entry (and a permit a claim leaves in it between
+        // a read of the record and the next wait) is never swept.
+        let _wake = self.notify(&id);
         let done = async {
             loop {
                 let rec = self
@@ -1169,7 +1172,7 @@ impl Coordinator {
                 }
                 Ok::<_, CoordinatorError>(())
             })?;
-            // A closed lease may be what a waiter for the task's last claims waits for.
+            // The driver replaces refused leases: wake it now rather than at its timer.
             self.notify(id).notify_one();
         }
         debug!(sent = to_send.len(), accepted, "leases sent");
