@@ -461,11 +461,22 @@ impl Idempotency {
                     Err(e) => return Err(e.into()),
                 };
                 let mut out = Vec::new();
+                let mut unreadable = 0usize;
                 for row in t.iter()? {
                     let (k, v) = row?;
-                    if old(&decode::<Record>("idempotency", v.value(), MAX_RECORD)?) {
-                        out.push(k.value().to_vec());
+                    // One unreadable record must not stop every later purge: it is left
+                    // alone (and reported), the others go.
+                    match decode::<Record>("idempotency", v.value(), MAX_RECORD) {
+                        Ok(rec) if old(&rec) => out.push(k.value().to_vec()),
+                        Ok(_) => {}
+                        Err(_) => unreadable += 1,
                     }
+                }
+                if unreadable > 0 {
+                    warn!(
+                        unreadable,
+                        "idempotency records that cannot be decoded were kept"
+                    );
                 }
                 Ok(out)
             })
@@ -820,5 +831,15 @@ mod tests {
         idem.finish("fresh", &answer(3)).unwrap();
         assert_eq!(idem.purge_finished_before(now_ms() - 60_000).unwrap(), 0);
         assert_eq!(idem.task_of("fresh").unwrap(), Some(TaskId([3; 16])));
+        // An unreadable record is kept and does not stop the purge of the others.
+        idem.state
+            .write(|tx| {
+                tx.open_table(IDEMPOTENCY)?
+                    .insert(&b"garbage"[..], &b"\xff\x00"[..])?;
+                Ok(())
+            })
+            .unwrap();
+        assert_eq!(idem.purge_finished_before(now_ms() + 1).unwrap(), 1);
+        assert_eq!(idem.task_of("fresh").unwrap(), None);
     }
 }
