@@ -465,16 +465,8 @@ fn check(node: &Node, v: &Value, path: &str, out: &mut Vec<Violation>) {
     match v {
         Value::Object(o) => check_object(r, o, path, out, &mut fail),
         Value::Array(a) => {
-            let n = a.len() as u64;
-            if let Some(min) = r.min_items
-                && n < min
-            {
-                fail(out, format!("must have at least {min} items, not {n}"));
-            }
-            if let Some(max) = r.max_items
-                && n > max
-            {
-                fail(out, format!("must have at most {max} items, not {n}"));
+            if let Some(why) = count_bounds(a.len(), r.min_items, r.max_items, "items") {
+                fail(out, why);
             }
             if r.unique_items
                 && let Some(j) = first_repeat(a)
@@ -560,6 +552,16 @@ fn check(node: &Node, v: &Value, path: &str, out: &mut Vec<Violation>) {
     }
 }
 
+/// Why `n` things (`what`: items, properties) break `min`/`max`, if they do.
+fn count_bounds(n: usize, min: Option<u64>, max: Option<u64>, what: &str) -> Option<String> {
+    let n = n as u64;
+    match (min, max) {
+        (Some(min), _) if n < min => Some(format!("must have at least {min} {what}, not {n}")),
+        (_, Some(max)) if n > max => Some(format!("must have at most {max} {what}, not {n}")),
+        _ => None,
+    }
+}
+
 /// The index of the first item equal (as JSON text) to an earlier one.
 fn first_repeat(items: &[Value]) -> Option<usize> {
     let mut seen = std::collections::HashSet::with_capacity(items.len());
@@ -573,16 +575,8 @@ fn check_object(
     out: &mut Vec<Violation>,
     fail: &mut impl FnMut(&mut Vec<Violation>, String),
 ) {
-    let n = o.len() as u64;
-    if let Some(min) = r.min_properties
-        && n < min
-    {
-        fail(out, format!("must have at least {min} properties, not {n}"));
-    }
-    if let Some(max) = r.max_properties
-        && n > max
-    {
-        fail(out, format!("must have at most {max} properties, not {n}"));
+    if let Some(why) = count_bounds(o.len(), r.min_properties, r.max_properties, "properties") {
+        fail(out, why);
     }
     for name in &r.required {
         if !o.contains_key(name) {
