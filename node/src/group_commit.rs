@@ -12,8 +12,15 @@
 //! would only add the empty commit's cost).
 //!
 //! What another thread reads may be a write not yet on disk (for the few hundred
-//! microseconds of an fsync); everything that acknowledges or sends goes through a write
-//! and waits.
+//! microseconds of an fsync); everything that acknowledges goes through a write and waits.
+//!
+//! A write may also be *deferred* ([`GroupCommit::write_deferred`]): it commits without
+//! durability and returns a [`Ticket`] at once; it becomes durable with the next durable
+//! commit (any write's), and [`GroupCommit::sync`] waits for that before anything that
+//! depends on it is acknowledged. The coordinator uses it for a task's creation: nobody is
+//! answered before the task's decision commits durably, and that commit persists the
+//! creation too, so the creation's own fsync would only add latency (DECISIONS, "Deferred
+//! durability for a task's creation").
 
 use std::sync::{Condvar, Mutex, MutexGuard};
 
@@ -45,6 +52,11 @@ struct Progress {
     writers: usize,
 }
 
+/// A deferred write's place in the order of commits ([`GroupCommit::write_deferred`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+#[must_use = "a deferred write is acknowledged only after `sync` of its ticket"]
+pub struct Ticket(u64);
+
 /// Makes grouped writes durable for one database. Share one per database.
 #[derive(Debug, Default)]
 pub struct GroupCommit {
@@ -75,6 +87,49 @@ impl GroupCommit {
         out
     }
 
+    /// Runs `f` in a write transaction of `db` committed without durability, and returns
+    /// at once with the commit's [`Ticket`]: what `f` wrote is visible, and on disk once a
+    /// later durable commit (any writer's, or [`GroupCommit::sync`]) covers it. Nothing
+    /// that depends on it may be acknowledged before `sync` of the ticket returns. When `f`
+    /// fails, nothing is written.
+    pub fn write_deferred<R, E>(
+        &self,
+        db: &Database,
+        f: impl FnOnce(&WriteTransaction) -> Result<R, E>,
+    ) -> Result<Result<(R, Ticket), E>, GroupCommitError> {
+        self.progress().writers += 1;
+        let out = (|| {
+            let mut txn = db.begin_write()?;
+            txn.set_durability(Durability::None)?;
+            let out = match f(&txn) {
+                Ok(out) => out,
+                Err(e) => return Ok(Err(e)),
+            };
+            txn.commit()?;
+            Ok(Ok((out, self.count_commit())))
+        })();
+        self.progress().writers -= 1;
+        out
+    }
+
+    /// Returns once the deferred write of `ticket` is durable, making a durable commit
+    /// when no other has covered it yet (shared with concurrent writers).
+    pub fn sync(&self, db: &Database, ticket: Ticket) -> Result<(), GroupCommitError> {
+        self.wait_durable(db, ticket.0)
+    }
+
+    /// Whether the deferred write of `ticket` is durable already (no waiting).
+    pub fn is_durable(&self, ticket: Ticket) -> bool {
+        self.progress().durable >= ticket.0
+    }
+
+    /// Counts a non-durable commit that has returned; its ticket number.
+    fn count_commit(&self) -> Ticket {
+        let mut p = self.progress();
+        p.committed += 1;
+        Ticket(p.committed)
+    }
+
     /// [`GroupCommit::write`] once the writer is counted: `alone`, a plain durable commit.
     fn write_as<R, E>(
         &self,
@@ -83,6 +138,9 @@ impl GroupCommit {
         alone: bool,
     ) -> Result<Result<R, E>, GroupCommitError> {
         let mut txn = db.begin_write()?;
+        // Non-durable commits counted while this transaction is open all returned before
+        // it began (redb has one writer at a time): a durable commit of it persists them.
+        let covers = self.progress().committed;
         if !alone {
             txn.set_durability(Durability::None)?;
         }
@@ -92,16 +150,15 @@ impl GroupCommit {
         };
         txn.commit()?;
         if alone {
-            // Durable already. Other writers' non-durable commits that it happened to
-            // persist are not counted: they sync as usual.
+            let mut p = self.progress();
+            if covers > p.durable {
+                p.durable = covers;
+                self.synced.notify_all();
+            }
             return Ok(Ok(out));
         }
-        let ticket = {
-            let mut p = self.progress();
-            p.committed += 1;
-            p.committed
-        };
-        self.wait_durable(db, ticket)?;
+        let ticket = self.count_commit();
+        self.wait_durable(db, ticket.0)?;
         Ok(Ok(out))
     }
 
@@ -195,8 +252,50 @@ mod tests {
         assert!(t.get(9_999).unwrap().is_none());
     }
 
+    #[test]
+    fn a_deferred_write_is_durable_once_a_later_durable_commit_or_sync_covers_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("db.redb");
+        let db = Database::create(&path).unwrap();
+        let group = GroupCommit::default();
+        let insert = |k: u64| {
+            move |txn: &WriteTransaction| {
+                txn.open_table(T)?.insert(k, k)?;
+                Ok::<_, redb::Error>(())
+            }
+        };
+        let ((), first) = group.write_deferred(&db, insert(1)).unwrap().unwrap();
+        assert!(!group.is_durable(first));
+        // Visible at once.
+        let read = db.begin_read().unwrap();
+        assert!(read.open_table(T).unwrap().get(1).unwrap().is_some());
+        drop(read);
+        // A durable write alone covers every deferred one before it.
+        group.write(&db, insert(2)).unwrap().unwrap();
+        assert!(group.is_durable(first));
+        let ((), second) = group.write_deferred(&db, insert(3)).unwrap().unwrap();
+        assert!(second > first && !group.is_durable(second));
+        group.sync(&db, second).unwrap();
+        assert!(group.is_durable(second));
+        // A failed deferred write writes nothing and takes no ticket.
+        let failed = group
+            .write_deferred(&db, |txn: &WriteTransaction| {
+                txn.open_table(T)?.insert(4, 4)?;
+                Err::<(), _>(redb::Error::Corrupted("refused".into()))
+            })
+            .unwrap();
+        assert!(failed.is_err());
+        assert_eq!(group.progress().writers, 0);
+        drop(db);
+        let db = Database::create(&path).unwrap();
+        let read = db.begin_read().unwrap();
+        let t = read.open_table(T).unwrap();
+        assert_eq!(t.len().unwrap(), 3);
+        assert!(t.get(4).unwrap().is_none());
+    }
+
     /// The child of [`acknowledged_writes_survive_the_process_dying`]: grouped writes from
-    /// eight threads, each acknowledged on stdout once `write` returns, then an abort (no
+    /// eight threads (half of them deferred, then synced), each acknowledged on stdout once `write` returns, then an abort (no
     /// destructor runs, nothing is flushed on the way out).
     fn crash_child(path: &std::path::Path) -> ! {
         use std::io::Write;
@@ -209,13 +308,17 @@ mod tests {
                 std::thread::spawn(move || {
                     for j in 0..1_000u64 {
                         let key = i * 10_000 + j;
-                        group
-                            .write(&db, |txn| {
-                                txn.open_table(T)?.insert(key, j)?;
-                                Ok::<_, redb::Error>(())
-                            })
-                            .unwrap()
-                            .unwrap();
+                        let insert = |txn: &WriteTransaction| {
+                            txn.open_table(T)?.insert(key, j)?;
+                            Ok::<_, redb::Error>(())
+                        };
+                        if i % 2 == 0 {
+                            group.write(&db, insert).unwrap().unwrap();
+                        } else {
+                            // Deferred, then acknowledged only once synced.
+                            let ((), ticket) = group.write_deferred(&db, insert).unwrap().unwrap();
+                            group.sync(&db, ticket).unwrap();
+                        }
                         let mut o = out.lock().unwrap();
                         writeln!(o, "ack {key}").unwrap();
                         o.flush().unwrap();

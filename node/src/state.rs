@@ -16,7 +16,7 @@
 //! ([`encode`] / [`decode`]), so a damaged row is an error, never a panic. This module
 //! holds the tables every node has: [`META`] (schema version) and [`PEERS`].
 
-use crate::group_commit::{GroupCommit, GroupCommitError};
+use crate::group_commit::{GroupCommit, GroupCommitError, Ticket};
 use std::{
     fs,
     os::unix::fs::PermissionsExt,
@@ -217,14 +217,45 @@ impl State {
         &self,
         f: impl FnOnce(&WriteTransaction) -> Result<R, E>,
     ) -> Result<Result<R, E>, StateError> {
-        self.group.write(&self.db, f).map_err(|e| match e {
+        self.group
+            .write(&self.db, f)
+            .map_err(|e| self.group_error(e))
+    }
+
+    /// Runs `f` in one write transaction committed without waiting for the disk: what it
+    /// wrote is visible at once and durable with the next durable commit. Whatever depends
+    /// on it is acknowledged only after [`State::sync`] of the returned [`Ticket`]
+    /// ([`GroupCommit::write_deferred`]). If `f` fails nothing is written.
+    pub fn write_deferred<R, E>(
+        &self,
+        f: impl FnOnce(&WriteTransaction) -> Result<R, E>,
+    ) -> Result<Result<(R, Ticket), E>, StateError> {
+        self.group
+            .write_deferred(&self.db, f)
+            .map_err(|e| self.group_error(e))
+    }
+
+    /// Whether the deferred write of `ticket` is on disk already (no waiting).
+    pub fn is_durable(&self, ticket: Ticket) -> bool {
+        self.group.is_durable(ticket)
+    }
+
+    /// Returns once the deferred write of `ticket` is on disk.
+    pub fn sync(&self, ticket: Ticket) -> Result<(), StateError> {
+        self.group
+            .sync(&self.db, ticket)
+            .map_err(|e| self.group_error(e))
+    }
+
+    fn group_error(&self, e: GroupCommitError) -> StateError {
+        match e {
             GroupCommitError::Transaction(e) => e.into(),
             GroupCommitError::Commit(e) => e.into(),
             GroupCommitError::Durability(e) => StateError::Dir {
                 path: self.path.clone(),
                 reason: e.to_string(),
             },
-        })
+        }
     }
 
     /// Runs `f` in one read transaction.

@@ -390,24 +390,32 @@ async fn create_inner(
                 lock_and_record(txn, &rail, &paid, &verified, now, joint.then_some(&task))
                     .map_err(LockError::Rail)
             };
-            // Through the node's group commit when the rail's tables are in its database
-            // (always in `d402 node`): concurrent payments share an fsync.
+            // In the node's database (always in `d402 node`) the lock commits without
+            // waiting for the disk: the leases go out at once, and the commit that settles
+            // the task (durable, before the answer) persists the lock with it; the answer
+            // waits for the ticket regardless (DECISIONS, "Deferred durability for a
+            // task's creation").
             if joint {
                 state
-                    .write_with(record)
+                    .write_deferred(record)
                     .map_err(|e| LockError::Rail(state_error("node", e)))?
+                    .map(|((), ticket)| Some(ticket))
             } else {
                 let txn = rail.database().begin_write().map_err(RailError::from)?;
                 record(&txn)?;
                 txn.commit().map_err(RailError::from)?;
-                Ok(())
+                Ok(None)
             }
         })
         .await
         .map_err(internal)?
     };
+    let mut ticket = None;
     let locked = match locked {
-        Ok(()) => Ok(()),
+        Ok(t) => {
+            ticket = t;
+            Ok(())
+        }
         Err(LockError::Rail(e)) => Err(e),
         Err(LockError::Key(e)) => return Err(e.into()),
         // The same key was claimed by a concurrent request: its answer, 409 or 422; nothing
@@ -453,6 +461,15 @@ async fn create_inner(
         .instrument(info_span!("task", task = %task_id)),
     );
     let stored = run.await.map_err(internal)??;
+    // The lock (and the task's record) on disk before the answer: usually a later durable
+    // commit of the task's covered it already.
+    if let Some(t) = ticket.filter(|t| !app.state.is_durable(*t)) {
+        let state = app.state.clone();
+        tokio::task::spawn_blocking(move || state.sync(t))
+            .await
+            .map_err(internal)?
+            .map_err(internal)?;
+    }
     let outcome = if stored.status == 200 {
         "completed"
     } else {

@@ -10,7 +10,10 @@ use d402_protocol::{
 use redb::{ReadableTable, TableDefinition, WriteTransaction};
 use serde::{Deserialize, Serialize};
 
-use crate::state::{State, StateError, decode, encode};
+use crate::{
+    group_commit::Ticket,
+    state::{State, StateError, decode, encode},
+};
 
 /// Task rows: task id (16 bytes) → CBOR of [`TaskRecord`].
 pub const TASKS: TableDefinition<&[u8], &[u8]> = TableDefinition::new("tasks");
@@ -306,6 +309,23 @@ impl Tasks {
     /// Inserts a new task (refused if it exists).
     pub fn create(&self, rec: &TaskRecord) -> Result<bool, StateError> {
         self.state.write(|txn| Tasks::create_in(txn, rec))
+    }
+
+    /// [`Tasks::create`] without waiting for the disk: the record is durable with the next
+    /// durable commit, and [`State::sync`] of the ticket waits for it.
+    pub fn create_deferred(&self, rec: &TaskRecord) -> Result<(bool, Ticket), StateError> {
+        self.state
+            .write_deferred(|txn| Tasks::create_in(txn, rec))?
+    }
+
+    /// Waits until a deferred creation ([`Tasks::create_deferred`]) is on disk.
+    pub fn sync(&self, ticket: Ticket) -> Result<(), StateError> {
+        self.state.sync(ticket)
+    }
+
+    /// Whether a deferred creation is on disk already (no waiting).
+    pub fn is_durable(&self, ticket: Ticket) -> bool {
+        self.state.is_durable(ticket)
     }
 
     /// [`Tasks::create`] inside `txn` (a write transaction of [`Tasks::database`]), so
