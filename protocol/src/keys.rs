@@ -3,7 +3,12 @@
 //! In CBOR both are byte strings (32 and 64 bytes); in JSON a public key is base58 (the form
 //! Solana and libp2p users know) and a signature is hex.
 
-use std::{fmt, str::FromStr};
+use std::{
+    collections::HashMap,
+    fmt,
+    str::FromStr,
+    sync::{Mutex, MutexGuard, OnceLock},
+};
 
 use ed25519_dalek::VerifyingKey;
 use serde::{Deserialize, Deserializer, Serialize, Serializer, de};
@@ -18,10 +23,32 @@ pub struct PublicKey(pub [u8; 32]);
 #[derive(Clone, Copy, PartialEq, Eq)]
 pub struct Signature(pub [u8; 64]);
 
+/// Decompressed keys kept by [`PublicKey::verifying_key`]: a node verifies the same few
+/// peers' signatures over and over, and decompressing a point is a fifth of a verification.
+const KEY_CACHE_CAP: usize = 1024;
+
+fn key_cache() -> MutexGuard<'static, HashMap<[u8; 32], VerifyingKey>> {
+    static CACHE: OnceLock<Mutex<HashMap<[u8; 32], VerifyingKey>>> = OnceLock::new();
+    CACHE
+        .get_or_init(Mutex::default)
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+}
+
 impl PublicKey {
-    /// The dalek verifying key, refusing bytes that are not a valid point.
+    /// The dalek verifying key, refusing bytes that are not a valid point. Valid keys are
+    /// cached (up to [`KEY_CACHE_CAP`] of them; the cache is emptied when full).
     pub fn verifying_key(&self) -> Result<VerifyingKey> {
-        VerifyingKey::from_bytes(&self.0).map_err(|_| ProtocolError::InvalidPublicKey)
+        if let Some(k) = key_cache().get(&self.0) {
+            return Ok(*k);
+        }
+        let key = VerifyingKey::from_bytes(&self.0).map_err(|_| ProtocolError::InvalidPublicKey)?;
+        let mut cache = key_cache();
+        if cache.len() >= KEY_CACHE_CAP {
+            cache.clear();
+        }
+        cache.insert(self.0, key);
+        Ok(key)
     }
 }
 
@@ -109,3 +136,31 @@ bytes_serde!(
             .ok_or_else(|| ProtocolError::field("signature", "must be 64 bytes"))
     }
 );
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use ed25519_dalek::SigningKey;
+
+    use super::*;
+
+    #[test]
+    fn verifying_keys_are_cached_and_invalid_points_refused_every_time() {
+        let key = SigningKey::from_bytes(&[7u8; 32]).verifying_key();
+        let pk = PublicKey::from(key);
+        assert_eq!(pk.verifying_key().unwrap(), key);
+        assert!(key_cache().contains_key(&pk.0));
+        assert_eq!(pk.verifying_key().unwrap(), key);
+        // Not a point on the curve (y = 2 has no x).
+        let mut bad = [0u8; 32];
+        bad[0] = 2;
+        for _ in 0..2 {
+            assert!(matches!(
+                PublicKey(bad).verifying_key(),
+                Err(ProtocolError::InvalidPublicKey)
+            ));
+        }
+        assert!(!key_cache().contains_key(&bad));
+    }
+}

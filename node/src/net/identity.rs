@@ -32,6 +32,13 @@ pub fn public_key_of(peer: &PeerId) -> Result<PublicKey, NetError> {
     if mh.code() != IDENTITY {
         return Err(NetError::NotEd25519(peer.to_string()));
     }
+    // The usual form, read without decompressing the point (the connection's handshake
+    // proved the key; callers compare it with keys that signed something).
+    if let [0x08, 0x01, 0x12, 0x20, key @ ..] = mh.digest()
+        && let Ok(key) = <[u8; 32]>::try_from(key)
+    {
+        return Ok(PublicKey(key));
+    }
     let key = identity::PublicKey::try_decode_protobuf(mh.digest())
         .map_err(|_| NetError::NotEd25519(peer.to_string()))?;
     let ed = key
