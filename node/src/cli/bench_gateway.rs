@@ -503,7 +503,13 @@ async fn rr_floor(samples: usize) -> anyhow::Result<Duration> {
                     request_response::Config::default(),
                 )
             })?
-            .with_swarm_config(|c| c.with_idle_connection_timeout(Duration::from_secs(60)))
+            .with_swarm_config(|c| {
+                // As the node's own swarm (`net::swarm::build`).
+                c.with_idle_connection_timeout(Duration::from_secs(60))
+                    .with_substream_upgrade_protocol_override(
+                        libp2p::core::upgrade::Version::V1Lazy,
+                    )
+            })
             .build())
     };
     let mut server = mk()?;

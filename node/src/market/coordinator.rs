@@ -355,17 +355,28 @@ impl Coordinator {
         rec
     }
 
-    /// Runs a new task to its end and returns its final record.
+    /// Runs a new task to its end and returns its final record, on disk.
+    ///
+    /// The creation (with the first leases) commits without waiting for the disk: the
+    /// leases go out at once, and the commit that decides the task, durable, persists the
+    /// creation with it. Until then nobody has been answered; after a crash in between the
+    /// task is simply unknown (its leases' claims are refused as such).
     pub async fn run_task(&self, spec: TaskSpec) -> Result<TaskRecord, CoordinatorError> {
         let id = spec.task_id;
         let Prepared { record, leases } = self.prepare(spec)?;
-        if !self
-            .blocking(move |c| Ok(c.inner.tasks.create(&record)?))
-            .await?
-        {
+        let (created, ticket) = self
+            .blocking(move |c| Ok(c.inner.tasks.create_deferred(&record)?))
+            .await?;
+        if !created {
             return Err(CoordinatorError::Exists(id));
         }
-        self.launch(id, leases).await
+        let done = self.launch(id, leases).await;
+        // Usually covered already by a later durable commit of the task's.
+        if !self.inner.tasks.is_durable(ticket) {
+            self.blocking(move |c| Ok(c.inner.tasks.sync(ticket)?))
+                .await?;
+        }
+        done
     }
 
     /// A new task's record and, when the standing bids suffice ([`super::standing`]), its
@@ -397,9 +408,15 @@ impl Coordinator {
         leases: Vec<LeaseRec>,
     ) -> Result<TaskRecord, CoordinatorError> {
         if !leases.is_empty() {
-            self.send_leases(&id, &leases)
+            let decided = self
+                .send_leases(&id, &leases)
                 .instrument(info_span!("task", task = %id))
                 .await?;
+            // Their claims decided it (the usual case): nothing left to drive.
+            if let Some(done) = decided {
+                self.forget_changes(&id);
+                return Ok(self.finished(done));
+            }
         }
         self.drive(id).await
     }
@@ -464,7 +481,12 @@ impl Coordinator {
         .instrument(span)
         .await;
         self.forget_changes(&id);
-        let done = done?;
+        Ok(self.finished(done?))
+    }
+
+    /// What follows a task's end, whoever saw it: returns its final record.
+    fn finished(&self, done: TaskRecord) -> TaskRecord {
+        let id = done.spec.task_id;
         // Leases inherited from before a restart are settled with the task.
         self.inner
             .inherited
@@ -478,14 +500,7 @@ impl Coordinator {
         {
             warn!(task = %id, error = %e, "cannot forget the pinned snapshot");
         }
-        Ok(done)
-    }
-
-    /// The addresses of `peer`'s signed record, if this node knows it: a lease or fetch to a
-    /// peer that is not connected (e.g. after this gateway restarted) dials them instead of
-    /// failing for want of an address.
-    async fn addrs_of(&self, peer: PeerId) -> Vec<Multiaddr> {
-        self.inner.net.addrs_of(peer).await.unwrap_or_default()
+        done
     }
 
     /// Puts the task's pinned snapshot back in the blob store from the database when it is
@@ -673,7 +688,7 @@ impl Coordinator {
             })
             .await?
             .unwrap_or_default();
-        self.send_leases(&id, &first).await
+        self.send_leases(&id, &first).await.map(|_| ())
     }
 
     async fn bid_round(&self, rec: &TaskRecord) -> Result<(), CoordinatorError> {
@@ -975,10 +990,9 @@ impl Coordinator {
                 .find(|l| Some(l.lease_cid) == Some(c.lease_cid))
                 .and_then(|l| peer_from(&l.peer));
             let fetched = match peer {
-                Some(p) => {
-                    let addrs = self.addrs_of(p).await;
-                    blobs::fetch(&inner.net, p, addrs, cid).await.ok()
-                }
+                // A peer not connected (e.g. after this gateway restarted) is dialled at
+                // the addresses of its signed record (`NetHandle::request`).
+                Some(p) => blobs::fetch(&inner.net, p, Vec::new(), cid).await.ok(),
                 None => None,
             };
             match fetched {
@@ -1091,16 +1105,24 @@ impl Coordinator {
     }
 
     /// Sends leases already committed, in parallel, records each inline claim as it comes
-    /// (exactly as one received on `/d402/claim/1`), and records the refusals.
-    async fn send_leases(&self, id: &TaskId, to_send: &[LeaseRec]) -> Result<(), CoordinatorError> {
+    /// (exactly as one received on `/d402/claim/1`), and records the refusals. Returns the
+    /// task's final record when its inline claims decided it and every lease was accepted
+    /// (nothing else written since).
+    async fn send_leases(
+        &self,
+        id: &TaskId,
+        to_send: &[LeaseRec],
+    ) -> Result<Option<TaskRecord>, CoordinatorError> {
         let inner = &self.inner;
         let mut pending: FuturesUnordered<_> = to_send
             .iter()
             .map(|l| async move {
                 let ack = match peer_from(&l.peer) {
                     Some(p) => {
-                        let addrs = self.addrs_of(p).await;
-                        inner.net.request_lease(p, addrs, l.lease.clone()).await
+                        inner
+                            .net
+                            .request_lease(p, Vec::new(), l.lease.clone())
+                            .await
                     }
                     None => Err(crate::net::RrError::Dial("bad peer id".into())),
                 };
@@ -1110,6 +1132,7 @@ impl Coordinator {
         // Inline claims are recorded as they come, those that came together in one commit
         // (off the async workers; `on_claims` logs refusals).
         let mut results = Vec::with_capacity(to_send.len());
+        let mut decided = None;
         while let Some(first) = pending.next().await {
             let mut ready = vec![first];
             let until = tokio::time::Instant::now() + CLAIM_BATCH_WAIT;
@@ -1124,7 +1147,13 @@ impl Coordinator {
                 })
                 .collect();
             if !claims.is_empty() {
-                let _ = self.blocking(move |c| Ok(c.on_claims(claims))).await;
+                // Kept only if this batch decided the task: a later batch changes the
+                // record (the driver reads it again then).
+                decided = self
+                    .blocking(move |c| Ok(c.record_and_ack(claims)))
+                    .await
+                    .ok()
+                    .and_then(|(_, done)| done);
             }
             results.extend(ready.into_iter().map(|(l, ack)| (l.lease_cid, ack)));
         }
@@ -1174,9 +1203,11 @@ impl Coordinator {
             })?;
             // The driver replaces refused leases: wake it now rather than at its timer.
             self.notify(id).notify_one();
+            debug!(sent = to_send.len(), accepted, "leases sent");
+            return Ok(None);
         }
         debug!(sent = to_send.len(), accepted, "leases sent");
-        Ok(())
+        Ok(decided)
     }
 
     /// Validators to ask: `validator_peers` first, then those announced under the
@@ -1407,7 +1438,16 @@ impl Coordinator {
     /// round of leases): each is checked as by [`Coordinator::on_claim`], and those accepted
     /// are recorded in one commit, before any acknowledgement. Answers in order.
     pub fn on_claims(&self, claims: Vec<(PeerId, Signed<Claim>)>) -> Vec<ClaimAck> {
-        let results = self.record_claims(&claims);
+        self.record_and_ack(claims).0
+    }
+
+    /// [`Coordinator::on_claims`], also returning the task's record when these claims
+    /// decided it.
+    fn record_and_ack(
+        &self,
+        claims: Vec<(PeerId, Signed<Claim>)>,
+    ) -> (Vec<ClaimAck>, Option<TaskRecord>) {
+        let (results, decided) = self.record_claims(&claims);
         let mut acks = Vec::with_capacity(claims.len());
         let mut woken = false;
         for ((peer, claim), result) in claims.iter().zip(results) {
@@ -1425,7 +1465,7 @@ impl Coordinator {
                 }
             }
         }
-        acks
+        (acks, decided)
     }
 
     /// Checks `claim` from `peer` against `r` and records it there (inside `txn`, with its
@@ -1492,9 +1532,12 @@ impl Coordinator {
         Ok(judgement)
     }
 
-    /// Records claims of one task in one transaction; one result per claim. Nothing is
-    /// written when every claim is refused.
-    fn record_claims(&self, claims: &[(PeerId, Signed<Claim>)]) -> Vec<Result<(), ClaimRefusal>> {
+    /// Records claims of one task in one transaction; one result per claim, and the task's
+    /// record if they decided it. Nothing is written when every claim is refused.
+    fn record_claims(
+        &self,
+        claims: &[(PeerId, Signed<Claim>)],
+    ) -> (Vec<Result<(), ClaimRefusal>>, Option<TaskRecord>) {
         let inner = &self.inner;
         let now = now_ms();
         // The codec verified each claim's signature when it decoded it (on `/d402/claim/1`
@@ -1507,7 +1550,7 @@ impl Coordinator {
             })
             .collect();
         let Some(task_id) = claims.first().map(|(_, c)| c.body.task_id) else {
-            return Vec::new();
+            return (Vec::new(), None);
         };
         let mut decided = None;
         let written = inner.tasks.update_with(&task_id, |txn, r| {
@@ -1556,15 +1599,16 @@ impl Coordinator {
         match written {
             Ok(Some(())) => {}
             Ok(None) => {
-                return results
+                let refused = results
                     .into_iter()
                     .map(|r| r.and(Err(ClaimRefusal::UnknownTask)))
                     .collect();
+                return (refused, None);
             }
             Err(e) => {
                 // Each claim keeps its own refusal; those that would have been accepted
                 // share the transaction's failure (nothing was written).
-                return results.into_iter().map(|r| r.and(Err(e))).collect();
+                return (results.into_iter().map(|r| r.and(Err(e))).collect(), None);
             }
         }
         if let Some((done, judged)) = &decided
@@ -1572,7 +1616,7 @@ impl Coordinator {
         {
             warn!(task = %task_id, error = %e, "cannot record the outcomes");
         }
-        results
+        let results = results
             .into_iter()
             .zip(claims)
             .map(|(result, (peer, claim))| {
@@ -1587,7 +1631,8 @@ impl Coordinator {
                 }
                 Ok(())
             })
-            .collect()
+            .collect();
+        (results, decided.map(|(done, _)| done))
     }
 }
 

@@ -36,7 +36,7 @@ use d402_protocol::{
     types::MESSAGE_VERSION,
 };
 use d402_runtime::{GivenSnapshot, Runner};
-use libp2p::{Multiaddr, PeerId};
+use libp2p::PeerId;
 use serde::{Deserialize, Serialize};
 use tokio::sync::{Semaphore, oneshot};
 use tracing::{Instrument, debug, info, info_span, warn};
@@ -392,8 +392,8 @@ impl Validator {
     ) -> Result<(Vec<u8>, Option<d402_protocol::messages::SnapshotMeta>), String> {
         let mut last = String::from("no peer to fetch from");
         for p in sources {
-            let addrs = self.addrs_of(p).await;
-            match blobs::fetch(&self.inner.net, *p, addrs, cid).await {
+            // Dialled at its signed record's addresses if not connected.
+            match blobs::fetch(&self.inner.net, *p, Vec::new(), cid).await {
                 Ok(found) => return Ok(found),
                 Err(e) => {
                     debug!(peer = %p, %cid, error = %e, "blob not fetched");
@@ -402,11 +402,6 @@ impl Validator {
             }
         }
         Err(last)
-    }
-
-    /// Addresses of `peer` from its verified peer record, if the node has one.
-    async fn addrs_of(&self, peer: &PeerId) -> Vec<Multiaddr> {
-        self.inner.net.addrs_of(*peer).await.unwrap_or_default()
     }
 
     async fn manifest(&self, sources: &[PeerId], cid: Cid) -> Result<Manifest, String> {

@@ -660,10 +660,13 @@ impl Worker {
         let inner = &self.inner;
         let mut delay = Duration::from_millis(200);
         loop {
-            // The gateway's addresses from its signed peer record, so that a gateway that
-            // restarted (connection gone) is redialled rather than waited for.
-            let addrs = inner.net.addrs_of(gw).await.unwrap_or_default();
-            match inner.net.request_claim(gw, addrs, signed.clone()).await {
+            // A gateway that restarted (connection gone) is redialled at the addresses of
+            // its signed peer record (`NetHandle::request`) rather than waited for.
+            match inner
+                .net
+                .request_claim(gw, Vec::new(), signed.clone())
+                .await
+            {
                 Ok(ClaimAck::Received) => {
                     inner.claims_sent.fetch_add(1, Ordering::SeqCst);
                     info!(output = %signed.body.output_cid, "claim received by the gateway");

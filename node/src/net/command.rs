@@ -127,6 +127,12 @@ pub(crate) enum Command {
     },
     /// A market request-response operation (send a request, register the service queue).
     Market(MarketOp),
+    /// A request to `peer`: when it is not connected, the addresses of its known record
+    /// are added before `op` runs, so the request can dial it.
+    MarketTo {
+        peer: PeerId,
+        op: MarketOp,
+    },
     Shutdown(oneshot::Sender<()>),
 }
 
@@ -241,8 +247,9 @@ impl NetHandle {
         Ok(rx)
     }
 
-    /// Sends a request on market protocol `P` to `peer` (dialling `addrs` if needed) and
-    /// waits for the response; the protocol's timeout applies.
+    /// Sends a request on market protocol `P` to `peer` and waits for the response; the
+    /// protocol's timeout applies. A peer not connected is dialled at `addrs` and at the
+    /// addresses of its known record.
     pub(crate) async fn request<P: Wired>(
         &self,
         peer: PeerId,
@@ -252,7 +259,7 @@ impl NetHandle {
         let (tx, rx) = oneshot::channel();
         let op: MarketOp = Box::new(move |swarm, rr| rr.send::<P>(swarm, peer, addrs, request, tx));
         self.tx
-            .send(Command::Market(op))
+            .send(Command::MarketTo { peer, op })
             .await
             .map_err(|_| RrError::Stopped)?;
         rx.await.map_err(|_| RrError::Stopped)?

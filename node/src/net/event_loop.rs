@@ -535,6 +535,16 @@ impl EventLoop {
             }
             Command::FindProviders { cid, opts, reply } => self.find_providers(cid, opts, reply),
             Command::Market(op) => op(&mut self.swarm, &mut self.market),
+            Command::MarketTo { peer, op } => {
+                if !self.swarm.is_connected(&peer)
+                    && let Some(v) = self.peers.get(&peer)
+                {
+                    for a in v.addrs.clone() {
+                        self.swarm.add_peer_address(peer, a);
+                    }
+                }
+                op(&mut self.swarm, &mut self.market)
+            }
             Command::Shutdown(reply) => self.shutdown = Some(reply),
         }
     }

@@ -8,7 +8,8 @@ use std::time::Duration;
 
 use futures::StreamExt;
 use libp2p::{
-    Multiaddr, Swarm, identity::Keypair, multiaddr::Protocol, noise, swarm::SwarmEvent, tcp, yamux,
+    Multiaddr, Swarm, core::upgrade, identity::Keypair, multiaddr::Protocol, noise,
+    swarm::SwarmEvent, tcp, yamux,
 };
 
 use super::{
@@ -43,7 +44,14 @@ pub fn build(keypair: Keypair, cfg: &NetConfig) -> Result<Swarm<Behaviour>, NetE
         .map_err(|e| NetError::Transport(format!("DNS resolver configuration: {e}")))?
         .with_behaviour(|key| Behaviour::new(key, &bcfg))
         .map_err(|e| NetError::Transport(e.to_string()))?
-        .with_swarm_config(|c| c.with_idle_connection_timeout(idle))
+        .with_swarm_config(|c| {
+            c.with_idle_connection_timeout(idle)
+                // A request goes out with its protocol's name instead of after the
+                // listener's confirmation: one round trip per request instead of two. Safe
+                // here: every substream negotiates one protocol, never nested ones
+                // (DECISIONS, "Lazy protocol negotiation").
+                .with_substream_upgrade_protocol_override(upgrade::Version::V1Lazy)
+        })
         .build();
     Ok(swarm)
 }
