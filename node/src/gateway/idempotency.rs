@@ -306,6 +306,17 @@ impl Idempotency {
         Ok(self.record(key)?.is_none())
     }
 
+    /// The answer stored under `key` once its request finished, if any (read only).
+    pub fn stored_answer(&self, key: &str) -> Result<Option<StoredResponse>, IdempotencyError> {
+        Ok(match self.record(key)? {
+            Some(Record {
+                phase: Phase::Done(r),
+                ..
+            }) => Some(r),
+            _ => None,
+        })
+    }
+
     /// The record under `key`, if any (read only).
     fn record(&self, key: &str) -> Result<Option<Record>, IdempotencyError> {
         check_key(key)?;

@@ -620,6 +620,19 @@ fn stored_receipt(rail: &LocalRail, id: TaskId) -> Result<EscrowStatus, RailErro
     rail.escrow(id)?.ok_or(RailError::UnknownTask(id))
 }
 
+/// The settlement of a task captured already (with its acceptance, or by an earlier
+/// attempt), read without writing; `None` when it is not.
+fn captured(rail: &LocalRail, id: TaskId) -> Result<Option<Settlement>, RailError> {
+    Ok(match rail.escrow(id)? {
+        Some(EscrowStatus {
+            state: EscrowState::Captured,
+            receipt: Some(receipt),
+            ..
+        }) => Some(Settlement::Captured(receipt)),
+        _ => None,
+    })
+}
+
 /// Captures an accepted task, refunds any other; idempotent (a settled task returns its
 /// receipt).
 pub fn settle(
@@ -632,11 +645,8 @@ pub fn settle(
     // Captured already, with the acceptance (see `capture_on_acceptance`) or by an earlier
     // attempt: that receipt stands (the record may have gained a late claim since, which
     // must not make a second plan).
-    if let Some(e) = rail.escrow(id)?
-        && e.state == EscrowState::Captured
-        && let Some(receipt) = e.receipt
-    {
-        return Ok(Settlement::Captured(receipt));
+    if let Some(done) = captured(rail, id)? {
+        return Ok(done);
     }
     let accepted = rec.filter(|r| r.phase == Phase::Accepted);
     let result = match accepted {
@@ -697,16 +707,20 @@ pub async fn finish(
     paid: &PaidTask,
     rec: Option<&TaskRecord>,
 ) -> Result<StoredResponse, ApiError> {
-    let settled = {
-        let rail = app.rail.clone();
-        let paid = paid.clone();
-        let rec = rec.cloned();
-        tokio::task::spawn_blocking(move || settle(&rail, &paid, rec.as_ref()))
-            .await
-            .map_err(internal)?
-            .map_err(internal)?
+    // Usually captured already, in the acceptance's commit: a read (no commit, nothing to
+    // wait for on the blocking pool) finds its receipt.
+    let settled = match captured(app.rail.as_ref(), paid.task_id).map_err(internal)? {
+        Some(s) => s,
+        None => {
+            let rail = app.rail.clone();
+            let paid = paid.clone();
+            let rec = rec.cloned();
+            tokio::task::spawn_blocking(move || settle(&rail, &paid, rec.as_ref()))
+                .await
+                .map_err(internal)?
+                .map_err(internal)?
+        }
     };
-    let stored = answer(app.rail.as_ref(), paid, rec, &settled)?;
     match &settled {
         Settlement::Captured(receipt) => {
             app.metrics.observe_receipt(&receipt.body);
@@ -716,8 +730,14 @@ pub async fn finish(
             info!(task = %paid.task_id, code, "task not served; payment refunded");
         }
     }
-    // The answer that stands under the key is the one sent (stored with the capture when
-    // the task was paid in its acceptance's commit).
+    // The answer that stands under the key is the one sent: stored with the capture when
+    // the task was paid in its acceptance's commit (not built again), else stored now.
+    if let Some(k) = &paid.idempotency_key
+        && let Ok(Some(stored)) = app.idempotency.stored_answer(k)
+    {
+        return Ok(stored);
+    }
+    let stored = answer(app.rail.as_ref(), paid, rec, &settled)?;
     let stored = match &paid.idempotency_key {
         Some(k) => match app.idempotency.finish(k, &stored) {
             Ok(standing) => standing,
