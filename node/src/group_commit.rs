@@ -52,6 +52,16 @@ struct Progress {
     writers: usize,
 }
 
+/// A writer counted in [`Progress::writers`] until dropped, so that a write that fails or
+/// panics half way is not counted forever (no later write would commit alone).
+struct Counted<'a>(&'a GroupCommit);
+
+impl Drop for Counted<'_> {
+    fn drop(&mut self) {
+        self.0.progress().writers -= 1;
+    }
+}
+
 /// A deferred write's place in the order of commits ([`GroupCommit::write_deferred`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 #[must_use = "a deferred write is acknowledged only after `sync` of its ticket"]
@@ -82,9 +92,8 @@ impl GroupCommit {
             p.writers += 1;
             p.writers == 1 && !p.syncing
         };
-        let out = self.write_as(db, f, alone);
-        self.progress().writers -= 1;
-        out
+        let _counted = Counted(self);
+        self.write_as(db, f, alone)
     }
 
     /// Runs `f` in a write transaction of `db` committed without durability, and returns
@@ -98,18 +107,15 @@ impl GroupCommit {
         f: impl FnOnce(&WriteTransaction) -> Result<R, E>,
     ) -> Result<Result<(R, Ticket), E>, GroupCommitError> {
         self.progress().writers += 1;
-        let out = (|| {
-            let mut txn = db.begin_write()?;
-            txn.set_durability(Durability::None)?;
-            let out = match f(&txn) {
-                Ok(out) => out,
-                Err(e) => return Ok(Err(e)),
-            };
-            txn.commit()?;
-            Ok(Ok((out, self.count_commit())))
-        })();
-        self.progress().writers -= 1;
-        out
+        let _counted = Counted(self);
+        let mut txn = db.begin_write()?;
+        txn.set_durability(Durability::None)?;
+        let out = match f(&txn) {
+            Ok(out) => out,
+            Err(e) => return Ok(Err(e)),
+        };
+        txn.commit()?;
+        Ok(Ok((out, self.count_commit())))
     }
 
     /// Returns once the deferred write of `ticket` is durable, making a durable commit
@@ -292,6 +298,25 @@ mod tests {
         let t = read.open_table(T).unwrap();
         assert_eq!(t.len().unwrap(), 3);
         assert!(t.get(4).unwrap().is_none());
+    }
+
+    #[test]
+    fn a_write_that_panics_is_not_counted_as_a_writer_any_more() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = Database::create(dir.path().join("db.redb")).unwrap();
+        let group = GroupCommit::default();
+        for deferred in [false, true] {
+            let panicked = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                let boom = |_: &WriteTransaction| -> Result<(), redb::Error> { panic!("boom") };
+                if deferred {
+                    let _ = group.write_deferred(&db, boom);
+                } else {
+                    let _ = group.write(&db, boom);
+                }
+            }));
+            assert!(panicked.is_err());
+            assert_eq!(group.progress().writers, 0);
+        }
     }
 
     /// The child of [`acknowledged_writes_survive_the_process_dying`]: grouped writes from

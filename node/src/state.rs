@@ -235,6 +235,12 @@ impl State {
             .map_err(|e| self.group_error(e))
     }
 
+    /// Returns once every commit made before the call is on disk (a durable commit that
+    /// begins after them, shared with concurrent writers).
+    pub fn barrier(&self) -> Result<(), StateError> {
+        self.write(|_| Ok(()))
+    }
+
     /// Whether the deferred write of `ticket` is on disk already (no waiting).
     pub fn is_durable(&self, ticket: Ticket) -> bool {
         self.group.is_durable(ticket)

@@ -326,6 +326,7 @@ async fn create_inner(
                 info!(reason = e.code(), error = %e, "payment refused");
                 let code = payment_refusal(&e);
                 app.metrics.payment_refused(code);
+                on_disk_if_stateful(app, &e).await?;
                 return Ok((
                     "payment_refused",
                     payment_required(&challenge, Some((code, e.to_string())))?,
@@ -421,6 +422,9 @@ async fn create_inner(
         // The same key was claimed by a concurrent request: its answer, 409 or 422; nothing
         // of this one was written.
         Err(LockError::KeyTaken(taken)) => {
+            // The other request's claim of the key may not be on disk yet (its commit is
+            // deferred): answer from it only once it is.
+            on_disk(app).await?;
             return match taken.into_result()? {
                 Some(stored) => Ok(("replayed", stored)),
                 None => Err(internal("idempotency key claimed twice")),
@@ -432,6 +436,7 @@ async fn create_inner(
         if e.is_payment_error() {
             let code = payment_refusal(&e);
             app.metrics.payment_refused(code);
+            on_disk_if_stateful(app, &e).await?;
             return Ok((
                 "payment_refused",
                 payment_required(&challenge, Some((code, e.to_string())))?,
@@ -460,9 +465,9 @@ async fn create_inner(
         }
         .instrument(info_span!("task", task = %task_id)),
     );
-    let stored = run.await.map_err(internal)??;
-    // The lock (and the task's record) on disk before the answer: usually a later durable
-    // commit of the task's covered it already.
+    let ran = run.await;
+    // The lock (and the task's record) on disk before any answer, an error too: usually a
+    // later durable commit of the task's covered it already.
     if let Some(t) = ticket.filter(|t| !app.state.is_durable(*t)) {
         let state = app.state.clone();
         tokio::task::spawn_blocking(move || state.sync(t))
@@ -470,12 +475,32 @@ async fn create_inner(
             .map_err(internal)?
             .map_err(internal)?;
     }
+    let stored = ran.map_err(internal)??;
     let outcome = if stored.status == 200 {
         "completed"
     } else {
         "refunded"
     };
     Ok((outcome, stored))
+}
+
+/// Returns once every commit made before the call is on disk: an answer that rests on
+/// another request's commit (deferred, see `create_inner`) waits for it.
+async fn on_disk(app: &Arc<AppState>) -> Result<(), ApiError> {
+    let state = app.state.clone();
+    tokio::task::spawn_blocking(move || state.barrier())
+        .await
+        .map_err(internal)?
+        .map_err(internal)
+}
+
+/// [`on_disk`] for a refusal that another payment's lock may have caused (its nonce used,
+/// its funds taken): that lock must be on disk before the refusal is sent.
+async fn on_disk_if_stateful(app: &Arc<AppState>, e: &RailError) -> Result<(), ApiError> {
+    match e {
+        RailError::NonceReplayed | RailError::InsufficientFunds { .. } => on_disk(app).await,
+        _ => Ok(()),
+    }
 }
 
 /// Why the payment's transaction was not committed.
@@ -845,6 +870,11 @@ async fn with_late_claims(app: &Arc<AppState>, rec: TaskRecord) -> TaskRecord {
     }
     drop(changes);
     app.coordinator.forget_changes(&id);
+    // What was read may hold a commit still in its group's sync (a late claim's, with its
+    // capture): on disk before the task is settled and answered from it.
+    if let Err(e) = on_disk(app).await {
+        warn!(task = %id, error = %e.message, "cannot sync before settling");
+    }
     last
 }
 
