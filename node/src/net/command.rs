@@ -106,10 +106,6 @@ pub(crate) enum Command {
     },
     ConnectedPeers(oneshot::Sender<Vec<PeerId>>),
     Peers(oneshot::Sender<Vec<PeerSummary>>),
-    PeerAddrs {
-        peer: PeerId,
-        reply: oneshot::Sender<Vec<Multiaddr>>,
-    },
     RoutingTable(oneshot::Sender<Vec<PeerId>>),
     Bootstraps(oneshot::Sender<Vec<BootstrapStatus>>),
     Provide {
@@ -190,13 +186,6 @@ impl NetHandle {
     /// Every verified peer (connected or persisted).
     pub async fn peers(&self) -> Result<Vec<PeerSummary>, NetError> {
         self.ask(Command::Peers).await
-    }
-
-    /// The addresses of `peer`'s record, if this node knows it (empty otherwise): what to
-    /// dial a peer at that is not connected. Cheaper than [`NetHandle::peers`], which
-    /// summarises every peer.
-    pub async fn addrs_of(&self, peer: PeerId) -> Result<Vec<Multiaddr>, NetError> {
-        self.ask(|reply| Command::PeerAddrs { peer, reply }).await
     }
 
     /// The peers in the Kademlia routing table.

@@ -489,14 +489,6 @@ impl EventLoop {
                 out.sort_by_key(|a| std::cmp::Reverse(a.last_seen_ms));
                 let _ = reply.send(out);
             }
-            Command::PeerAddrs { peer, reply } => {
-                let addrs = self
-                    .peers
-                    .get(&peer)
-                    .map(|v| v.addrs.clone())
-                    .unwrap_or_default();
-                let _ = reply.send(addrs);
-            }
             Command::RoutingTable(reply) => {
                 let _ = reply.send(self.routing_table().into_iter().collect());
             }
