@@ -414,6 +414,10 @@ async fn create_inner(
     let mut ticket = None;
     let locked = match locked {
         Ok(t) => {
+            // The lock's fsync overlaps the leases when nothing else is writing.
+            if let Some(t) = t {
+                app.state.sync_early(t);
+            }
             ticket = t;
             Ok(())
         }

@@ -370,6 +370,7 @@ impl Coordinator {
         if !created {
             return Err(CoordinatorError::Exists(id));
         }
+        self.inner.tasks.sync_early(ticket);
         let done = self.launch(id, leases).await;
         // Usually covered already by a later durable commit of the task's.
         if !self.inner.tasks.is_durable(ticket) {
