@@ -283,7 +283,7 @@ mod tests {
             }
         };
         assert!(group.is_idle());
-        group
+        let ((), _probe) = group
             .write_deferred(&db, |_: &WriteTransaction| {
                 // Counted while it writes: not idle.
                 assert!(!group.is_idle());
