@@ -25,8 +25,10 @@ use d402_protocol::{Cid, SigningKey};
 use futures::StreamExt;
 use libp2p::{Multiaddr, noise, ping, swarm::SwarmEvent, tcp, yamux};
 
+use d402_runtime::{Executor, ExecutorConfig, Grants, Runner, Snapshotters};
+
 use crate::{
-    net::{self, LookupOptions, NetConfig, Node, PeerSpec},
+    net::{self, LookupOptions, NetConfig, NetHandle, Node, PeerSpec},
     state::State,
 };
 
@@ -119,10 +121,59 @@ struct BenchNode {
     _dir: TmpDir,
 }
 
-fn random_key() -> anyhow::Result<SigningKey> {
+/// A fresh node key for a benchmark's node.
+pub(super) fn random_key() -> anyhow::Result<SigningKey> {
     let mut seed = [0u8; 32];
     getrandom::fill(&mut seed).context("no randomness")?;
     Ok(SigningKey::from_bytes(&seed))
+}
+
+/// Starts a node with `cfg` on `state` and returns it with its TCP listen address.
+pub(super) async fn start_node(
+    cfg: NetConfig,
+    key: &SigningKey,
+    state: State,
+) -> anyhow::Result<(Node, Multiaddr)> {
+    let node = net::start(cfg, key, state).await?;
+    let addr = node
+        .handle()
+        .listen_addrs()
+        .await?
+        .into_iter()
+        .find(|a| {
+            a.iter()
+                .any(|p| matches!(p, libp2p::multiaddr::Protocol::Tcp(_)))
+        })
+        .context("no TCP listen address")?;
+    Ok((node, addr))
+}
+
+/// A market benchmark's node: loopback TCP only, its database in `dir`.
+pub(super) async fn start_market_node(
+    key: &SigningKey,
+    dir: &TmpDir,
+) -> anyhow::Result<(Node, NetHandle, Multiaddr, State)> {
+    let state = State::open(&dir.0)?;
+    let mut cfg = NetConfig::new(Ipv4Addr::LOCALHOST.into(), 0);
+    cfg.quic = false;
+    let (node, addr) = start_node(cfg, key, state.clone()).await?;
+    let net = node.handle();
+    Ok((node, net, addr, state))
+}
+
+/// A runner for the echo capability of the market benchmarks (no cache on disk, every
+/// grant allowed, no snapshotters).
+pub(super) fn echo_runner(max_concurrent: u32, max_memory_bytes: u64) -> anyhow::Result<Runner> {
+    let executor = Executor::new(ExecutorConfig {
+        cache_dir: None,
+        max_concurrent,
+        max_memory_bytes,
+    })?;
+    Ok(Runner::new(
+        executor,
+        Grants::permissive(),
+        Snapshotters::default(),
+    ))
 }
 
 async fn spawn(
@@ -144,17 +195,7 @@ async fn spawn(
                 .map_err(anyhow::Error::from)
         })
         .collect::<anyhow::Result<_>>()?;
-    let node = net::start(cfg, &random_key()?, state).await?;
-    let addr = node
-        .handle()
-        .listen_addrs()
-        .await?
-        .into_iter()
-        .find(|a| {
-            a.iter()
-                .any(|p| matches!(p, libp2p::multiaddr::Protocol::Tcp(_)))
-        })
-        .context("no TCP listen address")?;
+    let (node, addr) = start_node(cfg, &random_key()?, state).await?;
     Ok(BenchNode {
         node,
         addr,

@@ -25,17 +25,13 @@ use anyhow::{Context, bail};
 use clap::Args;
 use d402_capabilities::{CapabilityRegistration, Manifest, registration::Registration};
 use d402_protocol::{Chain, Cid, RailKind, SigningKey};
-use d402_runtime::{Executor, ExecutorConfig, Grants, Runner, Snapshotters};
 use d402_settlement::{Asset, LocalRail, LocalRailConfig, wallet};
 use futures::StreamExt;
-use libp2p::{
-    Multiaddr, StreamProtocol, multiaddr::Protocol, noise, request_response, swarm::SwarmEvent,
-    tcp, yamux,
-};
+use libp2p::{Multiaddr, StreamProtocol, noise, request_response, swarm::SwarmEvent, tcp, yamux};
 use serde_json::{Map, Value, json};
 
 use super::{
-    bench::{TmpDir, ms, percentile},
+    bench::{TmpDir, echo_runner, ms, percentile, random_key, start_market_node},
     http_client::{BaseUrl, Connection},
     task::{PayOptions, TaskRequest, run_paid_task},
 };
@@ -49,7 +45,7 @@ use crate::{
         service::{self, Services},
         worker::{OfferedCapability, Worker, WorkerConfig},
     },
-    net::{self, NetConfig, NetHandle, Node},
+    net::{NetHandle, Node},
     state::State,
 };
 
@@ -118,26 +114,12 @@ struct Peer {
     _dir: TmpDir,
 }
 
-fn random_key() -> anyhow::Result<SigningKey> {
-    Ok(wallet::generate()?)
-}
-
 async fn start_peer(
     key: &SigningKey,
     dir: TmpDir,
     services: impl FnOnce(&NetHandle, &State) -> anyhow::Result<Services>,
 ) -> anyhow::Result<(Peer, State)> {
-    let state = State::open(&dir.0)?;
-    let mut cfg = NetConfig::new(Ipv4Addr::LOCALHOST.into(), 0);
-    cfg.quic = false;
-    let node = net::start(cfg, key, state.clone()).await?;
-    let net = node.handle();
-    let addr = net
-        .listen_addrs()
-        .await?
-        .into_iter()
-        .find(|a| a.iter().any(|p| matches!(p, Protocol::Tcp(_))))
-        .context("no TCP listen address")?;
+    let (node, net, addr, state) = start_market_node(key, &dir).await?;
     let services = services(&net, &state)?;
     let service = service::serve(&net, services, 1024).await?;
     Ok((
@@ -149,19 +131,6 @@ async fn start_peer(
             _dir: dir,
         },
         state,
-    ))
-}
-
-fn runner() -> anyhow::Result<Runner> {
-    let executor = Executor::new(ExecutorConfig {
-        cache_dir: None,
-        max_concurrent: WORKER_CONCURRENCY as u32,
-        max_memory_bytes: 512 * 1024 * 1024,
-    })?;
-    Ok(Runner::new(
-        executor,
-        Grants::permissive(),
-        Snapshotters::default(),
     ))
 }
 
@@ -207,7 +176,7 @@ pub async fn gateway(args: GatewayArgs) -> anyhow::Result<()> {
             [(Chain::Local, payout)].into_iter().collect(),
         );
         cfg.max_concurrent = WORKER_CONCURRENCY;
-        let run = runner()?;
+        let run = echo_runner(WORKER_CONCURRENCY as u32, 512 * 1024 * 1024)?;
         let k = key.clone();
         let (peer, _) = start_peer(&key, TmpDir::new_in(args.dir.as_deref())?, move |net, _| {
             let blobs = BlobStore::new(64 * 1024 * 1024);

@@ -15,7 +15,6 @@
 //! answer is as large as the task's largest message (its signed claim or lease).
 
 use std::{
-    net::Ipv4Addr,
     path::PathBuf,
     sync::Arc,
     time::{Duration, Instant},
@@ -24,11 +23,11 @@ use std::{
 use anyhow::{Context, bail};
 use clap::Args;
 use d402_capabilities::Manifest;
-use d402_protocol::{Amount, Chain, Cid, RailKind, SigningKey, TaskId};
-use d402_runtime::{Executor, ExecutorConfig, Grants, Runner, Snapshotters};
-use libp2p::{Multiaddr, multiaddr::Protocol};
+use d402_protocol::{Amount, Chain, Cid, RailKind, TaskId};
+use d402_runtime::Runner;
+use libp2p::Multiaddr;
 
-use super::bench::TmpDir;
+use super::bench::{TmpDir, echo_runner, ms, percentile, random_key, start_market_node};
 use crate::{
     market::{
         blobs::{self, BlobStore},
@@ -39,7 +38,7 @@ use crate::{
         tasks::{Phase, TaskSpec},
         worker::{OfferedCapability, Worker, WorkerConfig},
     },
-    net::{self, NetConfig, NetHandle, Node},
+    net::{NetHandle, Node},
     state::State,
 };
 
@@ -81,25 +80,6 @@ struct Peer {
     _dir: TmpDir,
 }
 
-fn key() -> anyhow::Result<SigningKey> {
-    let mut seed = [0u8; 32];
-    getrandom::fill(&mut seed).context("no randomness")?;
-    Ok(SigningKey::from_bytes(&seed))
-}
-
-fn runner() -> anyhow::Result<Runner> {
-    let executor = Executor::new(ExecutorConfig {
-        cache_dir: None,
-        max_concurrent: 4,
-        max_memory_bytes: 256 * 1024 * 1024,
-    })?;
-    Ok(Runner::new(
-        executor,
-        Grants::permissive(),
-        Snapshotters::default(),
-    ))
-}
-
 fn offer() -> anyhow::Result<OfferedCapability> {
     let manifest = Manifest::template("bench.echo", 1, Cid::raw(ECHO_WASM), Vec::new())?;
     Ok(OfferedCapability {
@@ -111,32 +91,15 @@ fn offer() -> anyhow::Result<OfferedCapability> {
     })
 }
 
-async fn start(
-    key: &SigningKey,
-    dir: TmpDir,
-) -> anyhow::Result<(Node, NetHandle, Multiaddr, State, TmpDir)> {
-    let state = State::open(&dir.0)?;
-    let mut cfg = NetConfig::new(Ipv4Addr::LOCALHOST.into(), 0);
-    cfg.quic = false;
-    let node = net::start(cfg, key, state.clone()).await?;
-    let net = node.handle();
-    let addr = net
-        .listen_addrs()
-        .await?
-        .into_iter()
-        .find(|a| a.iter().any(|p| matches!(p, Protocol::Tcp(_))))
-        .context("no TCP listen address")?;
-    Ok((node, net, addr, state, dir))
-}
-
 async fn worker(
     offer: &OfferedCapability,
     runner: &Runner,
     i: usize,
     base: &Option<PathBuf>,
 ) -> anyhow::Result<Peer> {
-    let k = key()?;
-    let (node, net, addr, _state, dir) = start(&k, TmpDir::new_in(base.as_deref())?).await?;
+    let k = random_key()?;
+    let dir = TmpDir::new_in(base.as_deref())?;
+    let (node, net, addr, _state) = start_market_node(&k, &dir).await?;
     let blobs = BlobStore::new(64 * 1024 * 1024);
     let payout = [(Chain::Local, format!("bench-worker-{i}"))]
         .into_iter()
@@ -189,20 +152,6 @@ fn spec(offer: &OfferedCapability, n: usize) -> anyhow::Result<TaskSpec> {
     })
 }
 
-fn percentile(samples: &[Duration], p: f64) -> Duration {
-    if samples.is_empty() {
-        return Duration::ZERO;
-    }
-    let mut s = samples.to_vec();
-    s.sort();
-    let rank = ((p * s.len() as f64).ceil() as usize).clamp(1, s.len());
-    s[rank - 1]
-}
-
-fn ms(d: Duration) -> f64 {
-    d.as_secs_f64() * 1000.0
-}
-
 struct Dist {
     p50: Duration,
     p90: Duration,
@@ -229,14 +178,14 @@ pub async fn market(args: MarketArgs) -> anyhow::Result<()> {
         bail!("--tasks must be at least 1");
     }
     let offer = offer()?;
-    let runner = runner()?;
+    let runner = echo_runner(4, 256 * 1024 * 1024)?;
     let mut workers = Vec::new();
     for i in 0..3 {
         workers.push(worker(&offer, &runner, i, &args.dir).await?);
     }
-    let gk = key()?;
-    let (gnode, gnet, _gaddr, gstate, _gdir) =
-        start(&gk, TmpDir::new_in(args.dir.as_deref())?).await?;
+    let gk = random_key()?;
+    let _gdir = TmpDir::new_in(args.dir.as_deref())?;
+    let (gnode, gnet, _gaddr, gstate) = start_market_node(&gk, &_gdir).await?;
     let gblobs = BlobStore::new(64 * 1024 * 1024);
     let coord = Coordinator::new(
         gk,
