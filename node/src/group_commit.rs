@@ -187,23 +187,46 @@ impl GroupCommit {
                 p = self.synced.wait(p).unwrap_or_else(|e| e.into_inner());
                 continue;
             }
-            // Every commit counted so far has returned from `commit`: the durable commit
-            // below, which begins after them, persists them all.
             p.syncing = true;
-            let upto = p.committed;
             drop(p);
-            let synced = db
-                .begin_write()
-                .map_err(GroupCommitError::from)
-                .and_then(|t| t.commit().map_err(GroupCommitError::from));
-            p = self.progress();
-            p.syncing = false;
-            if synced.is_ok() {
-                p.durable = p.durable.max(upto);
-            }
-            self.synced.notify_all();
+            let syncing = Syncing(self);
+            let synced = self.sync_once(db, ticket);
+            drop(syncing);
             synced?;
+            p = self.progress();
         }
+    }
+
+    /// The durable commit of [`GroupCommit::wait_durable`]: an empty write transaction,
+    /// skipped when a durable commit covered `ticket` while it waited for redb's write lock.
+    fn sync_once(&self, db: &Database, ticket: u64) -> Result<(), GroupCommitError> {
+        let txn = db.begin_write()?;
+        // Every commit counted by now has returned from `commit` (redb has one writer at a
+        // time, and this transaction holds it): committing this one persists them all.
+        let upto = {
+            let p = self.progress();
+            if p.durable >= ticket {
+                // Dropped uncommitted: nothing to write.
+                return Ok(());
+            }
+            p.committed
+        };
+        txn.commit()?;
+        let mut p = self.progress();
+        p.durable = p.durable.max(upto);
+        Ok(())
+    }
+}
+
+/// The writer making a durable commit for the others ([`Progress::syncing`]) until dropped:
+/// then the flag is cleared and the waiters woken, also when that commit failed or panicked
+/// (they would otherwise wait for it forever).
+struct Syncing<'a>(&'a GroupCommit);
+
+impl Drop for Syncing<'_> {
+    fn drop(&mut self) {
+        self.0.progress().syncing = false;
+        self.0.synced.notify_all();
     }
 }
 

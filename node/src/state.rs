@@ -260,11 +260,15 @@ impl State {
     /// the ticket. The caller still waits with [`State::sync`] before it acknowledges
     /// anything; a failure here is logged and met again there.
     pub fn sync_early(&self, ticket: Ticket) {
-        if !self.group.is_idle() {
+        if self.group.is_durable(ticket) || !self.group.is_idle() {
             return;
         }
+        // Outside a Tokio runtime there is no blocking pool: `sync` will do it.
+        let Ok(rt) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
         let me = self.clone();
-        tokio::task::spawn_blocking(move || {
+        rt.spawn_blocking(move || {
             if let Err(e) = me.sync(ticket) {
                 tracing::warn!(error = %e, "early sync of a deferred write failed");
             }

@@ -22,10 +22,9 @@ use std::{
 use anyhow::{Context, bail};
 use clap::{Args, Subcommand};
 use d402_protocol::{Cid, SigningKey};
+use d402_runtime::{Executor, ExecutorConfig, Grants, Runner, Snapshotters};
 use futures::StreamExt;
 use libp2p::{Multiaddr, noise, ping, swarm::SwarmEvent, tcp, yamux};
-
-use d402_runtime::{Executor, ExecutorConfig, Grants, Runner, Snapshotters};
 
 use crate::{
     net::{self, LookupOptions, NetConfig, NetHandle, Node, PeerSpec},

@@ -368,6 +368,10 @@ impl Coordinator {
             .blocking(move |c| Ok(c.inner.tasks.create_deferred(&record)?))
             .await?;
         if !created {
+            // The task that exists may be another call's deferred creation: on disk
+            // before it is answered from (this ticket's sync covers every commit before).
+            self.blocking(move |c| Ok(c.inner.tasks.sync(ticket)?))
+                .await?;
             return Err(CoordinatorError::Exists(id));
         }
         self.inner.tasks.sync_early(ticket);
