@@ -141,6 +141,7 @@ struct Numbers {
     loaded_p50_ms: f64,
     loaded_p99_ms: f64,
     loaded_tasks_per_s: f64,
+    loaded_cpu_ms_per_task: f64,
     loaded_ok: usize,
     loaded_failed: usize,
     floor_axum_p50_ms: f64,
@@ -302,6 +303,7 @@ pub async fn gateway(args: GatewayArgs) -> anyhow::Result<()> {
     );
 
     // Loaded: --clients clients sharing --tasks tasks.
+    let cpu_before = process_cpu()?;
     let started = Instant::now();
     let mut handles = Vec::new();
     for (i, payer) in payers.iter().enumerate() {
@@ -331,7 +333,9 @@ pub async fn gateway(args: GatewayArgs) -> anyhow::Result<()> {
         n.loaded_failed += f;
     }
     let elapsed = started.elapsed();
+    let cpu = process_cpu()?.saturating_sub(cpu_before);
     n.loaded_ok = lat.len();
+    n.loaded_cpu_ms_per_task = ms(cpu) / lat.len().max(1) as f64;
     n.loaded_p50_ms = ms(percentile(&lat, 0.5));
     n.loaded_p99_ms = ms(percentile(&lat, 0.99));
     n.loaded_tasks_per_s = lat.len() as f64 / elapsed.as_secs_f64();
@@ -377,6 +381,11 @@ pub async fn gateway(args: GatewayArgs) -> anyhow::Result<()> {
             n.loaded_ok,
             n.loaded_failed
         );
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+        println!(
+            "  CPU per paid task under load: {:.2} ms (all parties, this process; 1,000 paid tasks/s on {} cores needs at most {} ms)",
+            n.loaded_cpu_ms_per_task, cores, cores
+        );
         println!(
             "floor: bare axum request p50 {:.3} ms ({:.0} req/s with {} clients); bare libp2p request-response round trip p50 {:.3} ms",
             n.floor_axum_p50_ms, n.floor_axum_loaded_req_per_s, args.clients, n.floor_rr_p50_ms
@@ -387,6 +396,21 @@ pub async fn gateway(args: GatewayArgs) -> anyhow::Result<()> {
         );
     }
     Ok(())
+}
+
+/// CPU time (user and system) this process has used so far, over all its threads: every
+/// party of the benchmark runs in it.
+fn process_cpu() -> anyhow::Result<Duration> {
+    use nix::sys::{
+        resource::{UsageWho, getrusage},
+        time::TimeVal,
+    };
+    let usage = getrusage(UsageWho::RUSAGE_SELF).context("getrusage")?;
+    let time = |t: TimeVal| {
+        Duration::from_secs(t.tv_sec().max(0) as u64)
+            + Duration::from_micros(t.tv_usec().max(0) as u64)
+    };
+    Ok(time(usage.user_time()) + time(usage.system_time()))
 }
 
 fn d402_node_now() -> anyhow::Result<u64> {
@@ -540,6 +564,17 @@ async fn rr_floor(samples: usize) -> anyhow::Result<Duration> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn process_cpu_counts_the_work_done() {
+        let before = process_cpu().unwrap();
+        let start = Instant::now();
+        let mut x = 0u64;
+        while start.elapsed() < Duration::from_millis(50) {
+            x = std::hint::black_box(x.wrapping_add(1));
+        }
+        assert!(process_cpu().unwrap() > before);
+    }
 
     #[test]
     fn echo_wasm_is_the_wat_module() {
