@@ -955,7 +955,7 @@ async fn worker_redials_a_restarted_gateway_to_claim() {
     }
     gw.stop().await;
     {
-        let state = d402_node::state::State::open(dirs[0].path()).unwrap();
+        let state = open_state(dirs[0].path()).await;
         for (peer, _) in state.known_peers().unwrap() {
             state.remove_peer(&peer).unwrap();
         }

@@ -91,7 +91,8 @@ pub struct MarketNode {
 
 impl MarketNode {
     /// Stops the service and the network layer and waits for both, so that the node's
-    /// database is closed when this returns (it can be reopened at once).
+    /// database is closed when this returns, but for a blocking task the node had begun
+    /// (reopen it with [`open_state`]).
     pub async fn stop(self) {
         self.service.abort();
         let _ = self.service.await;
@@ -132,6 +133,21 @@ pub async fn start_net(
     start_net_with(dir, seed, cfg).await
 }
 
+/// Opens the state in `dir`, waiting up to 2 s while a stopped node's last blocking task
+/// (a commit or fsync it had begun when its driver was aborted) still holds the file.
+pub async fn open_state(dir: &Path) -> State {
+    let until = tokio::time::Instant::now() + Duration::from_secs(2);
+    loop {
+        match State::open(dir) {
+            Ok(state) => return state,
+            Err(d402_node::state::StateError::Locked(_)) if tokio::time::Instant::now() < until => {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            Err(e) => panic!("open state: {e}"),
+        }
+    }
+}
+
 /// A node with `cfg` (e.g. a bootstrap: Kademlia server and rendezvous point), its handle,
 /// its TCP address and its state.
 pub async fn start_net_with(
@@ -139,7 +155,7 @@ pub async fn start_net_with(
     seed: [u8; 32],
     cfg: NetConfig,
 ) -> (Node, NetHandle, Multiaddr, State) {
-    let state = State::open(dir).unwrap();
+    let state = open_state(dir).await;
     let node = net::start(cfg, &SigningKey::from_bytes(&seed), state.clone())
         .await
         .unwrap();
