@@ -275,6 +275,13 @@ impl State {
         });
     }
 
+    /// Whether nothing is being written or synced. A deferred write started now will most
+    /// likely not wait for another writer (nor fsync), so it costs less on the calling
+    /// async task than a hop to the blocking pool. Advisory: a writer may start just after.
+    pub fn is_idle(&self) -> bool {
+        self.group.is_idle()
+    }
+
     /// Returns once the deferred write of `ticket` is on disk.
     pub fn sync(&self, ticket: Ticket) -> Result<(), StateError> {
         self.group

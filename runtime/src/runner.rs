@@ -160,7 +160,8 @@ impl Runner {
         &self.executor
     }
 
-    /// Runs `manifest`'s module (`wasm`, checked against its CID) on `input`. With `given`,
+    /// Runs `manifest`'s module on `input`: the module compiled for its implementation CID
+    /// if the executor holds it in memory, otherwise `wasm`, checked against that CID first. With `given`,
     /// the module runs on that snapshot and nothing is fetched; otherwise a capability that
     /// takes a snapshot gets one of the input's `"url"`.
     pub async fn run(
@@ -179,13 +180,20 @@ impl Runner {
         if input.len() > MAX_INPUT {
             return Err(RunError::Input(format!("input is over {MAX_INPUT} bytes")));
         }
-        // 2. The module (compiled on a blocking thread; cached by CID).
-        let executor = self.executor.clone();
+        // 2. The module: the one compiled for its CID when the memory cache holds it (its
+        //    bytes were checked then), else checked, compiled or loaded from the disk cache
+        //    on a blocking thread. The common case costs no thread hop and no copy.
         let cid = manifest.implementation.cid;
-        let bytes = wasm.to_vec();
-        let module = tokio::task::spawn_blocking(move || executor.prepare(&cid, &bytes))
-            .await
-            .map_err(|e| RunError::Input(format!("compile task failed: {e}")))??;
+        let module = match self.executor.in_memory(&cid) {
+            Some(module) => module,
+            None => {
+                let executor = self.executor.clone();
+                let bytes = wasm.to_vec();
+                tokio::task::spawn_blocking(move || executor.prepare(&cid, &bytes))
+                    .await
+                    .map_err(|e| RunError::Input(format!("compile task failed: {e}")))??
+            }
+        };
         // 3. The snapshot.
         let takes_snapshot = !manifest.permissions.snapshotters.is_empty();
         let snapshot = match (given, takes_snapshot) {

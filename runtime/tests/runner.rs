@@ -275,8 +275,25 @@ async fn given_snapshot_needs_no_network_and_traps_are_reported() {
         "{err}"
     );
 
-    // The wrong module for the manifest is refused by CID.
-    let err = r
+    // Once compiled, the module of the manifest's CID runs from memory whatever bytes come
+    // with the call: what runs is always the code the CID names.
+    let out = r
+        .run(
+            &manifest(),
+            b"\0asm\x01\0\0\0",
+            br#"{"url":"https://pinned.example/"}"#,
+            Some(GivenSnapshot {
+                final_url: "https://pinned.example/",
+                body: b"<h3>cached</h3>",
+            }),
+        )
+        .await
+        .unwrap();
+    assert_eq!(out.output, b"### cached\n");
+
+    // Bytes that must be compiled are checked first: the wrong module for the manifest is
+    // refused by CID.
+    let err = runner(Grants::default(), None, false)
         .run(
             &manifest(),
             b"\0asm\x01\0\0\0",

@@ -379,7 +379,7 @@ async fn create_inner(
         let paid = paid.clone();
         let task = task.clone();
         let claim_key = claim_key.clone();
-        tokio::task::spawn_blocking(move || {
+        let lock = move || {
             let record = |txn: &redb::WriteTransaction| {
                 if let Some(k) = &claim_key {
                     match idempotency.claim_in(txn, k, hash, task_id) {
@@ -407,9 +407,15 @@ async fn create_inner(
                 txn.commit().map_err(RailError::from)?;
                 Ok(None)
             }
-        })
-        .await
-        .map_err(internal)?
+        };
+        // A deferred commit with no other writer costs less here than a hop to the
+        // blocking pool and back; a durable one, or one that may wait for another writer's
+        // fsync, runs there.
+        if joint && app.state.is_idle() {
+            lock()
+        } else {
+            tokio::task::spawn_blocking(lock).await.map_err(internal)?
+        }
     };
     let mut ticket = None;
     let locked = match locked {

@@ -329,6 +329,11 @@ impl Tasks {
         self.state.sync_early(ticket)
     }
 
+    /// Whether nothing is being written to the tasks' database ([`State::is_idle`]).
+    pub fn is_idle(&self) -> bool {
+        self.state.is_idle()
+    }
+
     /// Whether a deferred creation is on disk already (no waiting).
     pub fn is_durable(&self, ticket: Ticket) -> bool {
         self.state.is_durable(ticket)

@@ -380,7 +380,10 @@ impl Executor {
         map.insert(prepared.cid, prepared.clone());
     }
 
-    fn in_memory(&self, cid: &Cid) -> Option<PreparedModule> {
+    /// The module of `cid` if it is compiled and held in memory: no hashing, compiling or
+    /// disk access, so cheap enough to call from an async task. It was compiled from bytes
+    /// checked against `cid` when it entered the cache.
+    pub fn in_memory(&self, cid: &Cid) -> Option<PreparedModule> {
         self.inner
             .modules
             .lock()
