@@ -67,6 +67,10 @@ impl Drop for Counted<'_> {
 #[must_use = "a deferred write is acknowledged only after `sync` of its ticket"]
 pub struct Ticket(u64);
 
+/// What a deferred write's function returned, with the commit's [`Ticket`] when it
+/// succeeded (nothing is written when it failed).
+pub type Deferred<R, E> = Result<(R, Ticket), E>;
+
 /// Makes grouped writes durable for one database. Share one per database.
 #[derive(Debug, Default)]
 pub struct GroupCommit {
@@ -108,7 +112,35 @@ impl GroupCommit {
     ) -> Result<Result<(R, Ticket), E>, GroupCommitError> {
         self.progress().writers += 1;
         let _counted = Counted(self);
-        let mut txn = db.begin_write()?;
+        let txn = db.begin_write()?;
+        self.commit_deferred(txn, f)
+    }
+
+    /// [`GroupCommit::write_deferred`] only if redb's write lock is free at once: `Ok(None)`,
+    /// with `f` not run and nothing written, while any write transaction on `db` is alive
+    /// (this group's or another's, such as a durable commit in its fsync). It never waits,
+    /// so an async task can call it and fall back to the blocking pool on `None`.
+    pub fn try_write_deferred<R, E>(
+        &self,
+        db: &Database,
+        f: impl FnOnce(&WriteTransaction) -> Result<R, E>,
+    ) -> Result<Option<Deferred<R, E>>, GroupCommitError> {
+        self.progress().writers += 1;
+        let _counted = Counted(self);
+        let txn = match db.try_begin_write() {
+            Ok(txn) => txn,
+            Err(redb::TransactionError::WouldBlock) => return Ok(None),
+            Err(e) => return Err(e.into()),
+        };
+        self.commit_deferred(txn, f).map(Some)
+    }
+
+    /// Runs `f` in `txn` and commits it without durability (the writer already counted).
+    fn commit_deferred<R, E>(
+        &self,
+        mut txn: WriteTransaction,
+        f: impl FnOnce(&WriteTransaction) -> Result<R, E>,
+    ) -> Result<Result<(R, Ticket), E>, GroupCommitError> {
         txn.set_durability(Durability::None)?;
         let out = match f(&txn) {
             Ok(out) => out,
@@ -291,6 +323,43 @@ mod tests {
         let txn = db.begin_read().unwrap();
         let t = txn.open_table(T).unwrap();
         (t.len().unwrap(), t.get(key).unwrap().is_some())
+    }
+
+    #[test]
+    fn a_tried_deferred_write_runs_only_when_the_write_lock_is_free() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = Database::create(dir.path().join("db.redb")).unwrap();
+        let group = GroupCommit::default();
+        let insert = |k: u64| {
+            move |txn: &WriteTransaction| {
+                txn.open_table(T)?.insert(k, k)?;
+                Ok::<_, redb::Error>(())
+            }
+        };
+        // Free: it commits (without durability) and gives a ticket.
+        let ((), ticket) = group
+            .try_write_deferred(&db, insert(1))
+            .unwrap()
+            .unwrap()
+            .unwrap();
+        assert!(!group.is_durable(ticket));
+        // Another write transaction alive on the database (not this group's, as the local
+        // rail's own writes): nothing is run or written, and it is not left counted.
+        let other = db.begin_write().unwrap();
+        let ran = std::cell::Cell::new(false);
+        let tried = group
+            .try_write_deferred(&db, |txn: &WriteTransaction| {
+                ran.set(true);
+                insert(2)(txn)
+            })
+            .unwrap();
+        assert!(tried.is_none() && !ran.get());
+        assert!(group.is_idle());
+        drop(other);
+        group.sync(&db, ticket).unwrap();
+        let read = db.begin_read().unwrap();
+        let t = read.open_table(T).unwrap();
+        assert!(t.get(1).unwrap().is_some() && t.get(2).unwrap().is_none());
     }
 
     #[test]

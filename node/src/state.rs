@@ -16,7 +16,7 @@
 //! ([`encode`] / [`decode`]), so a damaged row is an error, never a panic. This module
 //! holds the tables every node has: [`META`] (schema version) and [`PEERS`].
 
-use crate::group_commit::{GroupCommit, GroupCommitError, Ticket};
+use crate::group_commit::{Deferred, GroupCommit, GroupCommitError, Ticket};
 use std::{
     fs,
     os::unix::fs::PermissionsExt,
@@ -242,6 +242,19 @@ impl State {
             .map_err(|e| self.group_error(e))
     }
 
+    /// [`State::write_deferred`] only if no write transaction is alive on the database (any
+    /// writer's, not only this `State`'s): `Ok(None)`, with `f` not run, otherwise. It never
+    /// waits, so an async task can make its short deferred commit itself, without a hop to
+    /// the blocking pool and back, and fall back to the pool on `None`.
+    pub fn try_write_deferred<R, E>(
+        &self,
+        f: impl FnOnce(&WriteTransaction) -> Result<R, E>,
+    ) -> Result<Option<Deferred<R, E>>, StateError> {
+        self.group
+            .try_write_deferred(&self.db, f)
+            .map_err(|e| self.group_error(e))
+    }
+
     /// Returns once every commit made before the call is on disk (a durable commit that
     /// begins after them, shared with concurrent writers).
     pub fn barrier(&self) -> Result<(), StateError> {
@@ -273,13 +286,6 @@ impl State {
                 tracing::warn!(error = %e, "early sync of a deferred write failed");
             }
         });
-    }
-
-    /// Whether nothing is being written or synced. A deferred write started now will most
-    /// likely not wait for another writer (nor fsync), so it costs less on the calling
-    /// async task than a hop to the blocking pool. Advisory: a writer may start just after.
-    pub fn is_idle(&self) -> bool {
-        self.group.is_idle()
     }
 
     /// Returns once the deferred write of `ticket` is on disk.

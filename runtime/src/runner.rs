@@ -160,10 +160,11 @@ impl Runner {
         &self.executor
     }
 
-    /// Runs `manifest`'s module on `input`: the module compiled for its implementation CID
-    /// if the executor holds it in memory, otherwise `wasm`, checked against that CID first. With `given`,
-    /// the module runs on that snapshot and nothing is fetched; otherwise a capability that
-    /// takes a snapshot gets one of the input's `"url"`.
+    /// Runs `manifest`'s module on `input`: the module of its implementation CID held in
+    /// the executor's memory if there is one (then `wasm` is not looked at), otherwise
+    /// `wasm`, checked against that CID first. With `given`, the module runs on that
+    /// snapshot and nothing is fetched; otherwise a capability that takes a snapshot gets
+    /// one of the input's `"url"`.
     pub async fn run(
         &self,
         manifest: &Manifest,

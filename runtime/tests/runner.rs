@@ -12,9 +12,9 @@ use std::{
 
 use d402_capabilities::{Manifest, SnapshotterKind};
 use d402_runtime::{
-    ChromiumConfig, ChromiumSnapshotter, Executor, ExecutorConfig, FetchConfig, FetchSnapshotter,
-    GivenSnapshot, GrantError, Grants, RunError, Runner, SnapshotError, Snapshotters, TrapReason,
-    UrlPolicy,
+    ChromiumConfig, ChromiumSnapshotter, ExecError, Executor, ExecutorConfig, FetchConfig,
+    FetchSnapshotter, GivenSnapshot, GrantError, Grants, RunError, Runner, SnapshotError,
+    Snapshotters, TrapReason, UrlPolicy,
 };
 use tokio::{
     io::{AsyncReadExt, AsyncWriteExt},
@@ -302,5 +302,8 @@ async fn given_snapshot_needs_no_network_and_traps_are_reported() {
         )
         .await
         .unwrap_err();
-    assert!(matches!(err, RunError::Exec(_)), "{err}");
+    assert!(
+        matches!(err, RunError::Exec(ExecError::CidMismatch { .. })),
+        "{err}"
+    );
 }

@@ -379,7 +379,8 @@ async fn create_inner(
         let paid = paid.clone();
         let task = task.clone();
         let claim_key = claim_key.clone();
-        let lock = move || {
+        // `inline`: only if redb's write lock is free at once (`None` otherwise, nothing run).
+        let lock = move |inline: bool| {
             let record = |txn: &redb::WriteTransaction| {
                 if let Some(k) = &claim_key {
                     match idempotency.claim_in(txn, k, hash, task_id) {
@@ -397,24 +398,41 @@ async fn create_inner(
             // waits for the ticket regardless (DECISIONS, "Deferred durability for a
             // task's creation").
             if joint {
-                state
-                    .write_deferred(record)
-                    .map_err(|e| LockError::Rail(state_error("node", e)))?
-                    .map(|((), ticket)| Some(ticket))
+                let written = if inline {
+                    state.try_write_deferred(record).transpose()?
+                } else {
+                    state.write_deferred(record)
+                };
+                Some(
+                    written
+                        .map_err(|e| LockError::Rail(state_error("node", e)))
+                        .and_then(|w| w.map(|((), ticket)| Some(ticket))),
+                )
             } else {
-                let txn = rail.database().begin_write().map_err(RailError::from)?;
-                record(&txn)?;
-                txn.commit().map_err(RailError::from)?;
-                Ok(None)
+                let durable = || {
+                    let txn = rail.database().begin_write().map_err(RailError::from)?;
+                    record(&txn)?;
+                    txn.commit().map_err(RailError::from)?;
+                    Ok(None)
+                };
+                Some(durable())
             }
         };
-        // A deferred commit with no other writer costs less here than a hop to the
-        // blocking pool and back; a durable one, or one that may wait for another writer's
-        // fsync, runs there.
-        if joint && app.state.is_idle() {
-            lock()
+        // A deferred commit that finds redb's write lock free costs less here than a hop to
+        // the blocking pool and back; a durable one, or one that would wait for another
+        // writer (and its fsync), runs there.
+        let tried = if joint {
+            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| lock(true)))
+                .map_err(|_| internal("the payment lock panicked"))?
         } else {
-            tokio::task::spawn_blocking(lock).await.map_err(internal)?
+            None
+        };
+        match tried {
+            Some(locked) => locked,
+            None => tokio::task::spawn_blocking(move || lock(false))
+                .await
+                .map_err(internal)?
+                .ok_or_else(|| internal("the payment lock did not run"))?,
         }
     };
     let mut ticket = None;

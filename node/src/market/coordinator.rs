@@ -364,13 +364,15 @@ impl Coordinator {
     pub async fn run_task(&self, spec: TaskSpec) -> Result<TaskRecord, CoordinatorError> {
         let id = spec.task_id;
         let Prepared { record, leases } = self.prepare(spec)?;
-        // Without durability and with no other writer, the commit costs less here than a
-        // hop to the blocking pool and back; otherwise it may wait for another's fsync.
-        let (created, ticket) = if self.inner.tasks.is_idle() {
-            self.inner.tasks.create_deferred(&record)?
-        } else {
-            self.blocking(move |c| Ok(c.inner.tasks.create_deferred(&record)?))
-                .await?
+        // Without durability, and when redb's write lock is free, the commit costs less here
+        // than a hop to the blocking pool and back; otherwise it may wait there for another
+        // writer's transaction (and fsync).
+        let (created, ticket) = match self.inner.tasks.try_create_deferred(&record)? {
+            Some(done) => done,
+            None => {
+                self.blocking(move |c| Ok(c.inner.tasks.create_deferred(&record)?))
+                    .await?
+            }
         };
         if !created {
             // The task that exists may be another call's deferred creation: on disk

@@ -318,6 +318,17 @@ impl Tasks {
             .write_deferred(|txn| Tasks::create_in(txn, rec))?
     }
 
+    /// [`Tasks::create_deferred`] only if no write transaction is alive on the database
+    /// ([`State::try_write_deferred`]): `Ok(None)`, nothing written, otherwise.
+    pub fn try_create_deferred(
+        &self,
+        rec: &TaskRecord,
+    ) -> Result<Option<(bool, Ticket)>, StateError> {
+        self.state
+            .try_write_deferred(|txn| Tasks::create_in(txn, rec))?
+            .transpose()
+    }
+
     /// Waits until a deferred creation ([`Tasks::create_deferred`]) is on disk.
     pub fn sync(&self, ticket: Ticket) -> Result<(), StateError> {
         self.state.sync(ticket)
@@ -327,11 +338,6 @@ impl Tasks {
     /// ([`State::sync_early`]).
     pub fn sync_early(&self, ticket: Ticket) {
         self.state.sync_early(ticket)
-    }
-
-    /// Whether nothing is being written to the tasks' database ([`State::is_idle`]).
-    pub fn is_idle(&self) -> bool {
-        self.state.is_idle()
     }
 
     /// Whether a deferred creation is on disk already (no waiting).

@@ -380,9 +380,11 @@ impl Executor {
         map.insert(prepared.cid, prepared.clone());
     }
 
-    /// The module of `cid` if it is compiled and held in memory: no hashing, compiling or
-    /// disk access, so cheap enough to call from an async task. It was compiled from bytes
-    /// checked against `cid` when it entered the cache.
+    /// The module of `cid` if it is held in memory: no hashing, compiling or disk access,
+    /// so cheap enough to call from an async task. It entered memory through
+    /// [`Executor::prepare`] (bytes checked against `cid`, then compiled or loaded from the
+    /// disk cache) or [`Executor::cached`] (the disk cache, whose artifacts are named by
+    /// CID and written only by `prepare`).
     pub fn in_memory(&self, cid: &Cid) -> Option<PreparedModule> {
         self.inner
             .modules
