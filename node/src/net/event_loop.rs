@@ -884,6 +884,13 @@ impl EventLoop {
     }
 
     fn on_behaviour_event(&mut self, event: BehaviourEvent) {
+        // What a peer said it speaks (identify), to name a refused protocol as such.
+        let peers = &self.peers;
+        let advertises = |peer: &PeerId, protocol: &str| {
+            peers
+                .get(peer)
+                .map(|v| v.protocols.iter().any(|p| p == protocol))
+        };
         match event {
             BehaviourEvent::Identify(identify::Event::Received { peer_id, info, .. }) => {
                 self.on_identified(peer_id, info)
@@ -905,13 +912,26 @@ impl EventLoop {
                 debug!(event = ?ev, "rendezvous point");
             }
             BehaviourEvent::Limits(never) => match never {},
-            BehaviourEvent::Bid(ev) => self.market.on_event::<BidProto>(&mut self.swarm, ev),
-            BehaviourEvent::Lease(ev) => self.market.on_event::<LeaseProto>(&mut self.swarm, ev),
-            BehaviourEvent::Claim(ev) => self.market.on_event::<ClaimProto>(&mut self.swarm, ev),
-            BehaviourEvent::Verdict(ev) => {
-                self.market.on_event::<VerdictProto>(&mut self.swarm, ev)
+            BehaviourEvent::Bid(ev) => {
+                self.market
+                    .on_event::<BidProto>(&mut self.swarm, ev, advertises)
             }
-            BehaviourEvent::Blob(ev) => self.market.on_event::<BlobProto>(&mut self.swarm, ev),
+            BehaviourEvent::Lease(ev) => {
+                self.market
+                    .on_event::<LeaseProto>(&mut self.swarm, ev, advertises)
+            }
+            BehaviourEvent::Claim(ev) => {
+                self.market
+                    .on_event::<ClaimProto>(&mut self.swarm, ev, advertises)
+            }
+            BehaviourEvent::Verdict(ev) => {
+                self.market
+                    .on_event::<VerdictProto>(&mut self.swarm, ev, advertises)
+            }
+            BehaviourEvent::Blob(ev) => {
+                self.market
+                    .on_event::<BlobProto>(&mut self.swarm, ev, advertises)
+            }
         }
     }
 

@@ -57,6 +57,18 @@ impl From<request_response::OutboundFailure> for RrError {
     }
 }
 
+/// What an outbound failure means for the caller, given whether the peer advertises the
+/// protocol in its identify list (`None`: not known). Streams negotiate lazily (`V1Lazy`:
+/// the request goes out with the protocol's name), so a peer without the protocol refuses
+/// it only afterwards, which arrives here as an I/O error on the stream rather than as
+/// `UnsupportedProtocols`; when the peer's own list lacks the protocol, that is what it was.
+fn failure(error: request_response::OutboundFailure, advertised: Option<bool>) -> RrError {
+    match (error, advertised) {
+        (request_response::OutboundFailure::Io(_), Some(false)) => RrError::Unsupported,
+        (error, _) => error.into(),
+    }
+}
+
 /// An inbound market request, checked by the codec (size, canonical form, signatures), for
 /// the market service. The service must answer on `reply`; dropping it answers "busy".
 // Short-lived (moved once through the queue); boxing would only add an allocation.
@@ -194,11 +206,13 @@ impl MarketRr {
         P::pending(self).insert(id, reply);
     }
 
-    /// Handles one event of protocol `P`.
+    /// Handles one event of protocol `P`. `advertises(peer, protocol)`: whether the peer's
+    /// identify list names the protocol (`None` when the peer is not known).
     pub(crate) fn on_event<P: Wired>(
         &mut self,
         swarm: &mut Swarm<Behaviour>,
         event: request_response::Event<P::Request, P::Response>,
+        advertises: impl Fn(&PeerId, &str) -> Option<bool>,
     ) {
         use request_response::{Event, Message};
         match event {
@@ -257,7 +271,7 @@ impl MarketRr {
             } => {
                 debug!(%peer, protocol = P::NAME, %error, "outbound request failed");
                 if let Some(tx) = P::pending(self).remove(&request_id) {
-                    let _ = tx.send(Err(error.into()));
+                    let _ = tx.send(Err(failure(error, advertises(&peer, P::NAME))));
                 }
             }
             Event::InboundFailure { peer, error, .. } => {
@@ -267,5 +281,29 @@ impl MarketRr {
             }
             Event::ResponseSent { .. } => {}
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use libp2p::request_response::OutboundFailure;
+
+    use super::*;
+
+    #[test]
+    fn a_stream_error_is_an_unsupported_protocol_only_when_the_peer_does_not_list_it() {
+        let io = || OutboundFailure::Io(std::io::Error::other("protocol refused"));
+        assert!(matches!(failure(io(), Some(false)), RrError::Unsupported));
+        assert!(matches!(failure(io(), Some(true)), RrError::Stream(_)));
+        assert!(matches!(failure(io(), None), RrError::Stream(_)));
+        // Other failures keep their own meaning whatever the peer lists.
+        assert!(matches!(
+            failure(OutboundFailure::Timeout, Some(false)),
+            RrError::Timeout
+        ));
+        assert!(matches!(
+            failure(OutboundFailure::UnsupportedProtocols, None),
+            RrError::Unsupported
+        ));
     }
 }
