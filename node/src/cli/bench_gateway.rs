@@ -58,6 +58,10 @@ pub struct GatewayArgs {
     /// Paid tasks in the loaded run (spread over the clients).
     #[arg(long, default_value_t = 640)]
     tasks: usize,
+    /// Paid tasks each client runs before the loaded run is measured (its connection, the
+    /// nodes' caches and memory reach their steady state); not counted.
+    #[arg(long, default_value_t = 5)]
+    warmup_per_client: usize,
     /// Paid tasks run one after another by one client (the unloaded p50).
     #[arg(long, default_value_t = 50)]
     sequential: usize,
@@ -144,6 +148,7 @@ struct Numbers {
     loaded_cpu_ms_per_task: f64,
     loaded_ok: usize,
     loaded_failed: usize,
+    warmup_failed: usize,
     floor_axum_p50_ms: f64,
     floor_axum_loaded_req_per_s: f64,
     floor_rr_p50_ms: f64,
@@ -302,15 +307,24 @@ pub async fn gateway(args: GatewayArgs) -> anyhow::Result<()> {
         n.sequential_p50_ms, args.sequential
     );
 
-    // Loaded: --clients clients sharing --tasks tasks.
-    let cpu_before = process_cpu()?;
-    let started = Instant::now();
+    // Loaded: --clients clients sharing --tasks tasks, measured once every client has run
+    // its warm-up tasks.
+    let warmed = Arc::new(tokio::sync::Barrier::new(args.clients + 1));
     let mut handles = Vec::new();
     for (i, payer) in payers.iter().enumerate() {
         let share = args.tasks / args.clients + usize::from(i < args.tasks % args.clients);
         let (base, request, payer) = (base.clone(), request.clone(), payer.clone());
+        let (warmup, warmed) = (args.warmup_per_client, warmed.clone());
         handles.push(tokio::spawn(async move {
             let mut conn = Connection::new(base, Duration::from_secs(120));
+            let mut warmup_failed = 0usize;
+            for _ in 0..warmup {
+                if let Err(e) = paid(&mut conn, &request, &payer, &options).await {
+                    warmup_failed += 1;
+                    tracing::warn!(error = %format!("{e:#}"), "warm-up paid task failed");
+                }
+            }
+            warmed.wait().await;
             let mut lat = Vec::with_capacity(share);
             let mut failed = 0usize;
             for _ in 0..share {
@@ -323,14 +337,18 @@ pub async fn gateway(args: GatewayArgs) -> anyhow::Result<()> {
                     }
                 }
             }
-            (lat, failed)
+            (lat, failed, warmup_failed)
         }));
     }
+    warmed.wait().await;
+    let cpu_before = process_cpu()?;
+    let started = Instant::now();
     let mut lat = Vec::new();
     for h in handles {
-        let (l, f) = h.await?;
+        let (l, f, w) = h.await?;
         lat.extend(l);
         n.loaded_failed += f;
+        n.warmup_failed += w;
     }
     let elapsed = started.elapsed();
     let cpu = process_cpu()?.saturating_sub(cpu_before);
@@ -340,10 +358,12 @@ pub async fn gateway(args: GatewayArgs) -> anyhow::Result<()> {
     n.loaded_p99_ms = ms(percentile(&lat, 0.99));
     n.loaded_tasks_per_s = lat.len() as f64 / elapsed.as_secs_f64();
     eprintln!(
-        "paid task, {} clients: {} ok, {} failed, p50 {:.2} ms, p99 {:.2} ms, {:.0} tasks/s",
+        "paid task, {} clients: {} ok, {} failed ({} of the warm-up's {} failed), p50 {:.2} ms, p99 {:.2} ms, {:.0} tasks/s",
         args.clients,
         n.loaded_ok,
         n.loaded_failed,
+        n.warmup_failed,
+        args.clients * args.warmup_per_client,
         n.loaded_p50_ms,
         n.loaded_p99_ms,
         n.loaded_tasks_per_s
@@ -373,13 +393,15 @@ pub async fn gateway(args: GatewayArgs) -> anyhow::Result<()> {
             n.sequential_p50_ms, args.sequential
         );
         println!(
-            "  {} clients: p50 {:.2} ms, p99 {:.2} ms, {:.0} paid tasks/s ({} ok, {} failed)",
+            "  {} clients: p50 {:.2} ms, p99 {:.2} ms, {:.0} paid tasks/s ({} ok, {} failed; after {} warm-up tasks per client, {} failed)",
             args.clients,
             n.loaded_p50_ms,
             n.loaded_p99_ms,
             n.loaded_tasks_per_s,
             n.loaded_ok,
-            n.loaded_failed
+            n.loaded_failed,
+            args.warmup_per_client,
+            n.warmup_failed
         );
         let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
         println!(
