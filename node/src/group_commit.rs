@@ -109,7 +109,7 @@ impl GroupCommit {
         &self,
         db: &Database,
         f: impl FnOnce(&WriteTransaction) -> Result<R, E>,
-    ) -> Result<Result<(R, Ticket), E>, GroupCommitError> {
+    ) -> Result<Deferred<R, E>, GroupCommitError> {
         self.progress().writers += 1;
         let _counted = Counted(self);
         let txn = db.begin_write()?;
@@ -140,7 +140,7 @@ impl GroupCommit {
         &self,
         mut txn: WriteTransaction,
         f: impl FnOnce(&WriteTransaction) -> Result<R, E>,
-    ) -> Result<Result<(R, Ticket), E>, GroupCommitError> {
+    ) -> Result<Deferred<R, E>, GroupCommitError> {
         txn.set_durability(Durability::None)?;
         let out = match f(&txn) {
             Ok(out) => out,

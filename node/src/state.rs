@@ -236,7 +236,7 @@ impl State {
     pub fn write_deferred<R, E>(
         &self,
         f: impl FnOnce(&WriteTransaction) -> Result<R, E>,
-    ) -> Result<Result<(R, Ticket), E>, StateError> {
+    ) -> Result<Deferred<R, E>, StateError> {
         self.group
             .write_deferred(&self.db, f)
             .map_err(|e| self.group_error(e))
