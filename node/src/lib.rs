@@ -6,6 +6,7 @@ pub mod cli;
 pub mod config;
 pub mod gateway;
 pub mod group_commit;
+pub mod journal;
 pub mod keys;
 pub mod market;
 pub mod net;

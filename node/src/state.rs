@@ -6,7 +6,10 @@
 //! a two-phase commit, two fsyncs, on every write). Other processes (`d402 peers`,
 //! `d402 ops-monitor`) ask a running node over its control socket
 //! ([`crate::market::ops`]) and open the file read-only through [`StateReader`] only when
-//! no node runs.
+//! no node runs. Beside the file lives its write-ahead journal, `node.redb.journal`
+//! ([`crate::journal`]): a durable commit is one sequential append and sync there instead
+//! of a sync of pages scattered over the database file, and a node that stopped uncleanly
+//! has the journal replayed when the database is next opened (by the node or a reader).
 //!
 //! Each subsystem keeps its tables in its own module (a `redb::TableDefinition` const named
 //! after the subsystem, e.g. `"offers"`, `"tasks"`, `"payments"`, `"reputation"`) and
@@ -16,7 +19,10 @@
 //! ([`encode`] / [`decode`]), so a damaged row is an error, never a panic. This module
 //! holds the tables every node has: [`META`] (schema version) and [`PEERS`].
 
-use crate::group_commit::{Deferred, GroupCommit, GroupCommitError, Ticket};
+use crate::{
+    group_commit::{Deferred, GroupCommit, GroupCommitError, Ticket},
+    journal::{self, JournalError, Journaled},
+};
 use std::{
     fs,
     os::unix::fs::PermissionsExt,
@@ -69,6 +75,9 @@ pub enum StateError {
         "the database {0} is in use by another d402 process (is a node with this --state running?)"
     )]
     Locked(PathBuf),
+    /// The database's journal cannot be opened or replayed.
+    #[error(transparent)]
+    Journal(JournalError),
     /// redb failed.
     #[error("database error: {0}")]
     Db(#[from] redb::Error),
@@ -168,10 +177,14 @@ impl State {
             return Err(dir_err("not a directory".into()));
         }
         let path = db_path(state_dir);
+        let backend = Journaled::open(&path, journal::DEFAULT_CAPACITY).map_err(|e| match e {
+            JournalError::Locked(_) => StateError::Locked(path.clone()),
+            other => StateError::Journal(other),
+        })?;
         let db = Database::builder()
             .set_concurrency_mode(ConcurrencyMode::ExclusiveWriter)
             .set_cache_size(DB_CACHE_BYTES)
-            .create(&path)
+            .create_with_backend(backend)
             .map_err(|e| match e {
                 redb::DatabaseError::DatabaseAlreadyOpen => StateError::Locked(path.clone()),
                 other => other.into(),
@@ -350,6 +363,11 @@ impl StateReader {
                 reason: format!("no database {DB_FILE} here (has a node run with this --state?)"),
             });
         }
+        // A node that stopped uncleanly left commits in the journal only.
+        journal::recover(&path).map_err(|e| match e {
+            JournalError::Locked(_) => StateError::Locked(path.clone()),
+            other => StateError::Journal(other),
+        })?;
         let db = redb::Builder::new()
             .set_concurrency_mode(ConcurrencyMode::ExclusiveWriter)
             .open_read_only(&path)
