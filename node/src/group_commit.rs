@@ -161,14 +161,6 @@ impl GroupCommit {
         self.progress().durable >= ticket.0
     }
 
-    /// Whether nothing is being written or synced: a [`GroupCommit::sync`] started now
-    /// would be the only one, and no other writer's durable commit is coming to cover a
-    /// deferred write.
-    pub fn is_idle(&self) -> bool {
-        let p = self.progress();
-        p.writers == 0 && !p.syncing
-    }
-
     /// Counts a non-durable commit that has returned; its ticket number.
     fn count_commit(&self) -> Ticket {
         let mut p = self.progress();
@@ -354,7 +346,6 @@ mod tests {
             })
             .unwrap();
         assert!(tried.is_none() && !ran.get());
-        assert!(group.is_idle());
         drop(other);
         group.sync(&db, ticket).unwrap();
         let read = db.begin_read().unwrap();
@@ -374,19 +365,8 @@ mod tests {
                 Ok::<_, redb::Error>(())
             }
         };
-        assert!(group.is_idle());
-        let ((), _probe) = group
-            .write_deferred(&db, |_: &WriteTransaction| {
-                // Counted while it writes: not idle.
-                assert!(!group.is_idle());
-                Ok::<_, redb::Error>(())
-            })
-            .unwrap()
-            .unwrap();
         let ((), first) = group.write_deferred(&db, insert(1)).unwrap().unwrap();
         assert!(!group.is_durable(first));
-        // Nobody writing or syncing: idle, though not everything is durable.
-        assert!(group.is_idle());
         // Visible at once.
         let read = db.begin_read().unwrap();
         assert!(read.open_table(T).unwrap().get(1).unwrap().is_some());

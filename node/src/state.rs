@@ -279,28 +279,6 @@ impl State {
         self.group.is_durable(ticket)
     }
 
-    /// Starts making the deferred write of `ticket` durable on the blocking pool when
-    /// nothing else is writing, and returns at once: its fsync then runs while the caller
-    /// works (a task's leases on the network) instead of adding to the durable commit the
-    /// caller makes next. Under load it does nothing: other writers' durable commits cover
-    /// the ticket. The caller still waits with [`State::sync`] before it acknowledges
-    /// anything; a failure here is logged and met again there.
-    pub fn sync_early(&self, ticket: Ticket) {
-        if self.group.is_durable(ticket) || !self.group.is_idle() {
-            return;
-        }
-        // Outside a Tokio runtime there is no blocking pool: `sync` will do it.
-        let Ok(rt) = tokio::runtime::Handle::try_current() else {
-            return;
-        };
-        let me = self.clone();
-        rt.spawn_blocking(move || {
-            if let Err(e) = me.sync(ticket) {
-                tracing::warn!(error = %e, "early sync of a deferred write failed");
-            }
-        });
-    }
-
     /// Returns once the deferred write of `ticket` is on disk.
     pub fn sync(&self, ticket: Ticket) -> Result<(), StateError> {
         self.group
@@ -539,33 +517,5 @@ mod tests {
         assert_eq!(c.addrs.len(), MAX_PEER_ADDRS);
         assert!(c.protocols.iter().all(|s| s.len() <= MAX_PEER_STRING));
         assert!(encode("peers", &c).unwrap().len() < MAX_PEER_ENTRY);
-    }
-
-    #[tokio::test]
-    async fn an_early_sync_makes_a_deferred_write_durable_without_waiting_for_it() {
-        let dir = tempfile::tempdir().unwrap();
-        let s = State::open(dir.path()).unwrap();
-        let ((), ticket) = s
-            .write_deferred(|txn| {
-                txn.open_table(PEERS)?
-                    .insert(b"k".as_slice(), b"v".as_slice())?;
-                Ok::<_, StateError>(())
-            })
-            .unwrap()
-            .unwrap();
-        assert!(!s.is_durable(ticket));
-        s.sync_early(ticket);
-        let waited = tokio::time::timeout(std::time::Duration::from_secs(10), async {
-            while !s.is_durable(ticket) {
-                tokio::time::sleep(std::time::Duration::from_millis(1)).await;
-            }
-        })
-        .await;
-        assert!(
-            waited.is_ok(),
-            "the early sync never made the write durable"
-        );
-        // `sync` of a covered ticket returns at once.
-        s.sync(ticket).unwrap();
     }
 }

@@ -438,10 +438,6 @@ async fn create_inner(
     let mut ticket = None;
     let locked = match locked {
         Ok(t) => {
-            // The lock's fsync overlaps the leases when nothing else is writing.
-            if let Some(t) = t {
-                app.state.sync_early(t);
-            }
             ticket = t;
             Ok(())
         }

@@ -381,7 +381,6 @@ impl Coordinator {
                 .await?;
             return Err(CoordinatorError::Exists(id));
         }
-        self.inner.tasks.sync_early(ticket);
         let done = self.launch(id, leases).await;
         // Usually covered already by a later durable commit of the task's.
         if !self.inner.tasks.is_durable(ticket) {

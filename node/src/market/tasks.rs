@@ -334,12 +334,6 @@ impl Tasks {
         self.state.sync(ticket)
     }
 
-    /// Starts syncing a deferred creation in the background when the database is idle
-    /// ([`State::sync_early`]).
-    pub fn sync_early(&self, ticket: Ticket) {
-        self.state.sync_early(ticket)
-    }
-
     /// Whether a deferred creation is on disk already (no waiting).
     pub fn is_durable(&self, ticket: Ticket) -> bool {
         self.state.is_durable(ticket)
