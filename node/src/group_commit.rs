@@ -412,10 +412,13 @@ mod tests {
 
     /// The child of [`acknowledged_writes_survive_the_process_dying`]: grouped writes from
     /// eight threads (half of them deferred, then synced), each acknowledged on stdout once `write` returns, then an abort (no
-    /// destructor runs, nothing is flushed on the way out).
+    /// destructor runs, nothing is flushed on the way out). Through the node's journal
+    /// ([`crate::journal`]), with a small ring so that it wraps and is checkpointed while
+    /// the threads write.
     fn crash_child(path: &std::path::Path) -> ! {
         use std::io::Write;
-        let db = Arc::new(Database::create(path).unwrap());
+        let journaled = crate::journal::Journaled::open(path, 256 << 10).unwrap();
+        let db = Arc::new(Database::builder().create_with_backend(journaled).unwrap());
         let group = Arc::new(GroupCommit::default());
         let out = Arc::new(Mutex::new(std::io::stdout()));
         let threads: Vec<_> = (0..8u64)
@@ -475,7 +478,11 @@ mod tests {
             "too few writes acknowledged: {}",
             acked.len()
         );
-        let db = Database::create(&path).unwrap();
+        // The journal is replayed on open (the child left it unclean).
+        let journaled =
+            crate::journal::Journaled::open(&path, crate::journal::DEFAULT_CAPACITY).unwrap();
+        let mut db = Database::builder().create_with_backend(journaled).unwrap();
+        assert!(db.check_integrity().unwrap());
         let txn = db.begin_read().unwrap();
         let t = txn.open_table(T).unwrap();
         for key in &acked {
