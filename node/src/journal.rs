@@ -419,8 +419,10 @@ fn write_header(log: &File, h: &Header) -> io::Result<()> {
     log.sync_data()
 }
 
-/// The payload of the entry at `pos` if it is the entry numbered `seq` and intact.
-fn read_entry(log: &File, len: u64, pos: u64, seq: u64) -> Option<Vec<u8>> {
+/// The payload of the entry at `pos` if it is the entry numbered `seq` and intact (no
+/// entry is larger than `max`, a quarter of the ring: a larger length is damage, and is
+/// not read into memory).
+fn read_entry(log: &File, len: u64, max: u64, pos: u64, seq: u64) -> Option<Vec<u8>> {
     if pos + ENTRY_HEAD as u64 > len {
         return None;
     }
@@ -430,7 +432,7 @@ fn read_entry(log: &File, len: u64, pos: u64, seq: u64) -> Option<Vec<u8>> {
         return None;
     }
     let payload_len = u32::from_le_bytes(head[12..16].try_into().ok()?) as u64;
-    if pos + ENTRY_HEAD as u64 + payload_len > len {
+    if pos + ENTRY_HEAD as u64 + payload_len > len || ENTRY_HEAD as u64 + payload_len > max {
         return None;
     }
     let mut payload = vec![0u8; payload_len as usize];
@@ -451,14 +453,15 @@ fn replay<B: StorageBackend>(
     header: &Header,
     len: u64,
 ) -> Result<(u64, u64, u64), JournalError> {
+    let max = header.capacity / 4;
     let mut pos = header.base_offset;
     let mut seq = header.base_seq;
     let mut replayed = 0;
     loop {
-        let (at, payload) = match read_entry(log, len, pos, seq) {
+        let (at, payload) = match read_entry(log, len, max, pos, seq) {
             Some(p) => (pos, p),
             // Not here: it may have wrapped to the ring's start.
-            None if pos != DATA_START => match read_entry(log, len, DATA_START, seq) {
+            None if pos != DATA_START => match read_entry(log, len, max, DATA_START, seq) {
                 Some(p) => (DATA_START, p),
                 None => break,
             },
