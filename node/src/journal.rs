@@ -153,6 +153,8 @@ struct Shared<B> {
     wake: Condvar,
     /// Held for the whole of a checkpoint.
     checkpointing: Mutex<()>,
+    /// Held while the file is extended.
+    growing: Mutex<()>,
     /// Tests pause the background checkpoints (the ring then fills and wraps).
     #[cfg(test)]
     paused: std::sync::atomic::AtomicBool,
@@ -178,6 +180,9 @@ struct Ring {
     generation: u64,
     /// The journal file's length (it grows to `capacity`).
     allocated: u64,
+    /// A commit found the file's end near: the checkpointer extends it (off the commit's
+    /// path).
+    grow_wanted: bool,
     /// Why the backend is poisoned.
     failed: Option<String>,
     stop: bool,
@@ -192,6 +197,7 @@ impl Ring {
             tail: h.base_offset,
             generation: h.generation,
             allocated,
+            grow_wanted: false,
             failed: None,
             stop: false,
         }
@@ -332,6 +338,7 @@ impl<B: StorageBackend> Journaled<B> {
             ring: Mutex::new(ring),
             wake: Condvar::new(),
             checkpointing: Mutex::new(()),
+            growing: Mutex::new(()),
             #[cfg(test)]
             paused: Default::default(),
         });
@@ -618,7 +625,10 @@ impl<B: StorageBackend> Shared<B> {
             let mut r = lock(&self.ring);
             r.head = pos + size;
             r.next_seq = seq + 1;
-            self.used(&r) > self.capacity / 4
+            if r.allocated < self.capacity && r.head + GROW_STEP / 2 > r.allocated {
+                r.grow_wanted = true;
+            }
+            r.grow_wanted || self.used(&r) > self.capacity / 4
         };
         if wake {
             self.wake.notify_one();
@@ -627,8 +637,10 @@ impl<B: StorageBackend> Shared<B> {
     }
 
     /// Extends the journal file with zeros to at least `end` (while it grows to its
-    /// capacity), synced, so that an entry's sync never has a length to persist.
+    /// capacity), synced, so that an entry's sync never has a length to persist. The
+    /// checkpointer does it ahead of the entries; a commit only when it got there first.
     fn grow(&self, end: u64) -> io::Result<()> {
+        let _one = lock(&self.growing);
         let allocated = lock(&self.ring).allocated;
         if end <= allocated {
             return Ok(());
@@ -668,14 +680,27 @@ impl<B: StorageBackend> Shared<B> {
 
     fn checkpoint_loop(&self) {
         loop {
-            {
+            let (grow, full) = {
                 let mut r = lock(&self.ring);
-                while !r.stop && (r.failed.is_some() || self.used(&r) <= self.capacity / 4) {
+                while !r.stop
+                    && (r.failed.is_some()
+                        || (!r.grow_wanted && self.used(&r) <= self.capacity / 4))
+                {
                     r = self.wake.wait(r).unwrap_or_else(|p| p.into_inner());
                 }
                 if r.stop {
                     return;
                 }
+                let grow = std::mem::take(&mut r.grow_wanted).then_some(r.allocated + GROW_STEP);
+                (grow, self.used(&r) > self.capacity / 4)
+            };
+            if let Some(end) = grow
+                && let Err(e) = self.grow(end)
+            {
+                tracing::error!(journal = %self.path.display(), error = %e, "cannot extend the journal");
+            }
+            if !full {
+                continue;
             }
             #[cfg(test)]
             if self.paused.load(std::sync::atomic::Ordering::SeqCst) {
