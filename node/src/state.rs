@@ -332,7 +332,9 @@ pub struct StateReader {
 }
 
 impl StateReader {
-    /// Opens the database in `state_dir` read-only.
+    /// Opens the database in `state_dir` read-only. After an unclean stop of its node it
+    /// first replays the journal and lets redb repair the file (what the node's next start
+    /// would do), so that `d402 peers` and `d402 ops-monitor` read a crashed node's state.
     pub fn open(state_dir: &Path) -> Result<StateReader, StateError> {
         let path = db_path(state_dir);
         if !path.exists() {
@@ -346,13 +348,24 @@ impl StateReader {
             JournalError::Locked(_) => StateError::Locked(path.clone()),
             other => StateError::Journal(other),
         })?;
-        let db = redb::Builder::new()
-            .set_concurrency_mode(ConcurrencyMode::ExclusiveWriter)
-            .open_read_only(&path)
-            .map_err(|e| match e {
-                redb::DatabaseError::DatabaseAlreadyOpen => StateError::Locked(path.clone()),
-                other => other.into(),
-            })?;
+        let open = || {
+            redb::Builder::new()
+                .set_concurrency_mode(ConcurrencyMode::ExclusiveWriter)
+                .open_read_only(&path)
+        };
+        let db = match open() {
+            // The node stopped uncleanly and redb repairs a file only when it opens it for
+            // writing: do that (as the node's next start would), then read.
+            Err(redb::DatabaseError::RepairAborted) => {
+                drop(State::open(state_dir)?);
+                open()
+            }
+            other => other,
+        }
+        .map_err(|e| match e {
+            redb::DatabaseError::DatabaseAlreadyOpen => StateError::Locked(path.clone()),
+            other => other.into(),
+        })?;
         Ok(StateReader { db })
     }
 
@@ -478,6 +491,43 @@ mod tests {
             State::open(dir.path()),
             Err(StateError::Locked(_))
         ));
+    }
+
+    /// The child of [`a_reader_reads_what_a_node_that_died_had_committed`]: commits a peer,
+    /// then dies without closing anything.
+    fn die_after_commit(dir: &Path) -> ! {
+        let s = State::open(dir).unwrap();
+        s.upsert_peer(b"committed", &peer(42)).unwrap();
+        std::process::abort();
+    }
+
+    #[test]
+    fn a_reader_reads_what_a_node_that_died_had_committed() {
+        if let Ok(dir) = std::env::var("D402_STATE_DIE_CHILD") {
+            die_after_commit(Path::new(&dir));
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let child = std::process::Command::new(std::env::current_exe().unwrap())
+            .args([
+                "--exact",
+                "state::tests::a_reader_reads_what_a_node_that_died_had_committed",
+                "--nocapture",
+                "--test-threads=1",
+            ])
+            .env("D402_STATE_DIE_CHILD", dir.path())
+            .output()
+            .unwrap();
+        assert!(!child.status.success(), "the child was to abort");
+        // Journal replayed and the file repaired, then read (`d402 peers` after a crash).
+        let r = StateReader::open(dir.path()).unwrap();
+        let peers = r.known_peers().unwrap();
+        assert_eq!(peers.len(), 1);
+        assert_eq!(peers[0].0, b"committed");
+        assert_eq!(peers[0].1.last_seen_ms, 42);
+        drop(r);
+        // And the node starts again on it.
+        let s = State::open(dir.path()).unwrap();
+        assert_eq!(s.known_peers().unwrap().len(), 1);
     }
 
     #[test]
