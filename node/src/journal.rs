@@ -353,23 +353,19 @@ impl<B: StorageBackend> Journaled<B> {
         })
     }
 
-    /// Stops the checkpointer and checkpoints, so the journal is empty.
-    fn shut_down(&self) -> io::Result<()> {
+    /// Stops the checkpointer thread (once).
+    fn stop_checkpointer(&self) {
         lock(&self.shared.ring).stop = true;
         self.shared.wake.notify_all();
         if let Some(h) = lock(&self.checkpointer).take() {
             let _ = h.join();
         }
-        let failed = lock(&self.shared.ring).failed.clone();
-        match failed {
-            Some(why) => Err(io::Error::other(why)),
-            None => self.shared.checkpoint(),
-        }
     }
 
-    /// Checkpoints and closes (also what redb's `close` does).
+    /// Checkpoints, so the journal is empty, and closes (also what redb's `close` does).
     pub fn close(&self) -> io::Result<()> {
-        let done = self.shut_down();
+        self.stop_checkpointer();
+        let done = self.shared.checkpoint();
         let closed = self.shared.inner.close().map_err(io::Error::other);
         done.and(closed)
     }
@@ -381,11 +377,7 @@ where
 {
     fn drop(&mut self) {
         // redb calls `close` first; this only stops the thread if it did not.
-        lock(&self.shared.ring).stop = true;
-        self.shared.wake.notify_all();
-        if let Some(h) = lock(&self.checkpointer).take() {
-            let _ = h.join();
-        }
+        self.stop_checkpointer();
     }
 }
 
