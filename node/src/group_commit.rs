@@ -458,16 +458,11 @@ mod tests {
         }
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("db.redb");
-        let child = std::process::Command::new(std::env::current_exe().unwrap())
-            .args([
-                "--exact",
-                "group_commit::tests::acknowledged_writes_survive_the_process_dying",
-                "--nocapture",
-                "--test-threads=1",
-            ])
-            .env("D402_GROUP_COMMIT_CHILD", &path)
-            .output()
-            .unwrap();
+        let child = crate::test_child::rerun(
+            "group_commit::tests::acknowledged_writes_survive_the_process_dying",
+            "D402_GROUP_COMMIT_CHILD",
+            &path,
+        );
         assert!(!child.status.success(), "the child was to abort");
         let acked: Vec<u64> = String::from_utf8_lossy(&child.stdout)
             .lines()

@@ -254,14 +254,7 @@ impl Journaled<FileBackend> {
             path: journal_path(db_path),
             source,
         };
-        let file = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(false)
-            .mode(0o600)
-            .open(db_path)
-            .map_err(io_err)?;
+        let file = open_rw(db_path).map_err(io_err)?;
         let inner = FileBackend::new(file).map_err(|e| io_err(io::Error::other(e)))?;
         Journaled::with_backend(inner, &journal_path(db_path), capacity)
     }
@@ -274,14 +267,7 @@ impl<B: StorageBackend> Journaled<B> {
             path: journal.to_path_buf(),
             source,
         };
-        let log = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(false)
-            .mode(0o600)
-            .open(journal)
-            .map_err(io_err)?;
+        let log = open_rw(journal).map_err(io_err)?;
         match log.try_lock() {
             Ok(()) => {}
             Err(std::fs::TryLockError::WouldBlock) => {
@@ -379,6 +365,18 @@ where
         // redb calls `close` first; this only stops the thread if it did not.
         self.stop_checkpointer();
     }
+}
+
+/// Opens `path` for reading and writing, created owner-only when missing (as redb's
+/// `Builder::create` opens its file, but never readable by others).
+fn open_rw(path: &Path) -> io::Result<File> {
+    OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .mode(0o600)
+        .open(path)
 }
 
 fn read_header(log: &File, path: &Path) -> Result<Header, JournalError> {

@@ -11,3 +11,19 @@ pub mod keys;
 pub mod market;
 pub mod net;
 pub mod state;
+
+/// Tests that need a process to die: the test binary re-runs one of its own tests in a
+/// child process.
+#[cfg(test)]
+pub(crate) mod test_child {
+    /// Runs test `name` (its full path) of this binary alone in a child process with
+    /// `var` set to `value` (the test sees it and plays the child), and returns what the
+    /// child did.
+    pub fn rerun(name: &str, var: &str, value: &std::path::Path) -> std::process::Output {
+        std::process::Command::new(std::env::current_exe().expect("the test binary"))
+            .args(["--exact", name, "--nocapture", "--test-threads=1"])
+            .env(var, value)
+            .output()
+            .expect("the child test process")
+    }
+}

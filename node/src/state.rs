@@ -156,6 +156,14 @@ impl std::fmt::Debug for State {
     }
 }
 
+/// A journal that another process holds is the database in use ([`StateError::Locked`]).
+fn journal_error(path: &Path, e: JournalError) -> StateError {
+    match e {
+        JournalError::Locked(_) => StateError::Locked(path.to_path_buf()),
+        other => StateError::Journal(other),
+    }
+}
+
 /// The path of the database in a state directory.
 pub fn db_path(state_dir: &Path) -> PathBuf {
     state_dir.join(DB_FILE)
@@ -177,10 +185,8 @@ impl State {
             return Err(dir_err("not a directory".into()));
         }
         let path = db_path(state_dir);
-        let backend = Journaled::open(&path, journal::DEFAULT_CAPACITY).map_err(|e| match e {
-            JournalError::Locked(_) => StateError::Locked(path.clone()),
-            other => StateError::Journal(other),
-        })?;
+        let backend = Journaled::open(&path, journal::DEFAULT_CAPACITY)
+            .map_err(|e| journal_error(&path, e))?;
         let db = Database::builder()
             .set_concurrency_mode(ConcurrencyMode::ExclusiveWriter)
             .set_cache_size(DB_CACHE_BYTES)
@@ -344,10 +350,7 @@ impl StateReader {
             });
         }
         // A node that stopped uncleanly left commits in the journal only.
-        journal::recover(&path).map_err(|e| match e {
-            JournalError::Locked(_) => StateError::Locked(path.clone()),
-            other => StateError::Journal(other),
-        })?;
+        journal::recover(&path).map_err(|e| journal_error(&path, e))?;
         let open = || {
             redb::Builder::new()
                 .set_concurrency_mode(ConcurrencyMode::ExclusiveWriter)
@@ -507,16 +510,11 @@ mod tests {
             die_after_commit(Path::new(&dir));
         }
         let dir = tempfile::tempdir().unwrap();
-        let child = std::process::Command::new(std::env::current_exe().unwrap())
-            .args([
-                "--exact",
-                "state::tests::a_reader_reads_what_a_node_that_died_had_committed",
-                "--nocapture",
-                "--test-threads=1",
-            ])
-            .env("D402_STATE_DIE_CHILD", dir.path())
-            .output()
-            .unwrap();
+        let child = crate::test_child::rerun(
+            "state::tests::a_reader_reads_what_a_node_that_died_had_committed",
+            "D402_STATE_DIE_CHILD",
+            dir.path(),
+        );
         assert!(!child.status.success(), "the child was to abort");
         // Journal replayed and the file repaired, then read (`d402 peers` after a crash).
         let r = StateReader::open(dir.path()).unwrap();
