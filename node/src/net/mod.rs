@@ -236,3 +236,38 @@ pub async fn start(cfg: NetConfig, key: &SigningKey, state: State) -> Result<Nod
         task,
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    /// libp2p's stream and request timeouts (`futures_timer::Delay`) run on Tokio's timer
+    /// inside a runtime (the vendored futures-timer, DECISIONS "futures-timer on Tokio's
+    /// timers"): with Tokio's clock paused, an hour-long `Delay` fires as soon as the clock
+    /// is advanced past it, which a `Delay` of futures-timer's helper thread never would.
+    #[tokio::test(start_paused = true)]
+    async fn libp2p_timers_run_on_tokio_inside_a_runtime() {
+        let mut delay = futures_timer::Delay::new(Duration::from_secs(3600));
+        assert!(futures::poll!(&mut delay).is_pending());
+        tokio::time::advance(Duration::from_secs(3601)).await;
+        tokio::time::timeout(Duration::from_secs(1), &mut delay)
+            .await
+            .expect("the delay fired on Tokio's clock");
+
+        // `reset` moves the deadline on Tokio's clock too.
+        delay.reset(Duration::from_secs(60));
+        assert!(futures::poll!(&mut delay).is_pending());
+        tokio::time::advance(Duration::from_secs(61)).await;
+        tokio::time::timeout(Duration::from_secs(1), &mut delay)
+            .await
+            .expect("the reset delay fired on Tokio's clock");
+    }
+
+    /// Outside a runtime a `Delay` still fires (futures-timer's helper thread).
+    #[test]
+    fn a_delay_outside_a_runtime_still_fires() {
+        let started = std::time::Instant::now();
+        futures::executor::block_on(futures_timer::Delay::new(Duration::from_millis(20)));
+        assert!(started.elapsed() >= Duration::from_millis(20));
+    }
+}
