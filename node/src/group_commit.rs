@@ -411,8 +411,9 @@ mod tests {
     }
 
     /// The child of [`acknowledged_writes_survive_the_process_dying`]: grouped writes from
-    /// eight threads (half of them deferred, then synced), each acknowledged on stdout once `write` returns, then an abort (no
-    /// destructor runs, nothing is flushed on the way out). Through the node's journal
+    /// eight threads (half of them deferred, then synced), each acknowledged on stdout once
+    /// `write` returns, then an abort (no destructor runs, nothing is flushed on the way
+    /// out). Through the node's journal
     /// ([`crate::journal`]), with a small ring so that it wraps and is checkpointed while
     /// the threads write.
     fn crash_child(path: &std::path::Path) -> ! {
