@@ -21,8 +21,23 @@
 //! answered before the task's decision commits durably, and that commit persists the
 //! creation too, so the creation's own fsync would only add latency (DECISIONS, "Deferred
 //! durability for a task's creation").
+//!
+//! Writes may also be *combined* ([`GroupCommit::write_combined`]): under load many
+//! writers queue for redb's one write lock, and each transaction pays for its own commit
+//! (copying the B-tree paths it touched, checksums, the journal's pages) even when it
+//! touches the same rows as the next one (balances, reputation). A combined write joins a
+//! queue; whoever finds no combined transaction running takes the whole queue and runs
+//! every write in it, in order, in one transaction, then hands each writer its result and
+//! the transaction's ticket, and each waits for durability as above. When one write of the
+//! batch fails, the transaction is dropped and each write runs again in its own, so that a
+//! write's failure never costs another write anything (hence `FnMut`: a write may run
+//! twice, and must compute everything from the transaction it is given).
 
-use std::sync::{Condvar, Mutex, MutexGuard};
+use std::{
+    any::Any,
+    collections::HashMap,
+    sync::{Condvar, Mutex, MutexGuard},
+};
 
 use redb::{Database, Durability, WriteTransaction};
 
@@ -38,6 +53,11 @@ pub enum GroupCommitError {
     /// The database refuses non-durable commits (it is shared between processes).
     #[error(transparent)]
     Durability(#[from] redb::SetDurabilityError),
+    /// A combined write was lost: another write of its transaction panicked.
+    #[error(
+        "a write combined with this one panicked; nothing of this write is known to be written"
+    )]
+    Lost,
 }
 
 #[derive(Debug, Default)]
@@ -71,16 +91,329 @@ pub struct Ticket(u64);
 /// succeeded (nothing is written when it failed).
 pub type Deferred<R, E> = Result<(R, Ticket), E>;
 
+/// One write of a combined transaction, its function and (once run) its result.
+trait Job: Send {
+    /// Runs the write in `txn`; whether it succeeded (if not, `txn` must not commit).
+    fn run(&mut self, txn: &WriteTransaction) -> bool;
+    /// The job, to be downcast by the writer that queued it.
+    fn into_any(self: Box<Self>) -> Box<dyn Any + Send>;
+    /// Whether its writer waits for durability (a deferred write does not).
+    fn durable(&self) -> bool;
+}
+
+struct Typed<F, R, E> {
+    f: F,
+    out: Option<Result<R, E>>,
+    /// The write panicked (on whichever thread ran it): the panic is resumed on the
+    /// writer's own thread, and the write is not run again.
+    panic: Option<Box<dyn Any + Send>>,
+    durable: bool,
+}
+
+impl<F, R, E> Job for Typed<F, R, E>
+where
+    F: FnMut(&WriteTransaction) -> Result<R, E> + Send + 'static,
+    R: Send + 'static,
+    E: Send + 'static,
+{
+    fn run(&mut self, txn: &WriteTransaction) -> bool {
+        if self.panic.is_some() {
+            return false;
+        }
+        let f = &mut self.f;
+        match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| f(txn))) {
+            Ok(out) => {
+                let ok = out.is_ok();
+                self.out = Some(out);
+                ok
+            }
+            Err(panic) => {
+                self.panic = Some(panic);
+                self.out = None;
+                false
+            }
+        }
+    }
+
+    fn into_any(self: Box<Self>) -> Box<dyn Any + Send> {
+        self
+    }
+
+    fn durable(&self) -> bool {
+        self.durable
+    }
+}
+
+/// What became of a queued combined write.
+enum Finished {
+    /// It ran; when it succeeded, the ticket of the commit that holds it (`None`: that
+    /// commit was durable, or the write failed and wrote nothing).
+    Ran(Box<dyn Job>, Option<u64>),
+    /// The database failed (nothing of it written).
+    Failed(GroupCommitError),
+}
+
+/// The queue of combined writes.
+#[derive(Default)]
+struct Combining {
+    /// A writer is running a combined transaction.
+    running: bool,
+    next_id: u64,
+    queue: Vec<(u64, Box<dyn Job>)>,
+    /// Results not yet taken by their writers.
+    done: HashMap<u64, Finished>,
+}
+
+impl std::fmt::Debug for Combining {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Combining")
+            .field("running", &self.running)
+            .field("queued", &self.queue.len())
+            .field("done", &self.done.len())
+            .finish()
+    }
+}
+
 /// Makes grouped writes durable for one database. Share one per database.
 #[derive(Debug, Default)]
 pub struct GroupCommit {
     progress: Mutex<Progress>,
     synced: Condvar,
+    combining: Mutex<Combining>,
+    combined: Condvar,
+}
+
+/// The writer running a combined transaction until dropped: then the batch's writes that
+/// have no result (it panicked outside the writes, e.g. in redb's commit) are marked lost, the queue is free for the next
+/// batch, and the waiting writers are woken.
+struct Running<'a> {
+    group: &'a GroupCommit,
+    ids: Vec<u64>,
+}
+
+impl Drop for Running<'_> {
+    fn drop(&mut self) {
+        let mut c = self.group.combining();
+        for id in &self.ids {
+            if !c.done.contains_key(id) {
+                c.done.insert(*id, Finished::Failed(GroupCommitError::Lost));
+            }
+        }
+        c.running = false;
+        drop(c);
+        self.group.combined.notify_all();
+    }
 }
 
 impl GroupCommit {
     fn progress(&self) -> MutexGuard<'_, Progress> {
         self.progress.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn combining(&self) -> MutexGuard<'_, Combining> {
+        self.combining.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// [`GroupCommit::write`], combined with the writes queued meanwhile into one
+    /// transaction (see the module doc). `f` may run more than once (once in a combined
+    /// transaction that another write's failure dropped, once more alone); each run must
+    /// compute its result from the transaction it is given. Returns once what it wrote is
+    /// durable; when `f` fails, nothing of it is written and its error is the inner result.
+    pub fn write_combined<R, E, F>(
+        &self,
+        db: &Database,
+        f: F,
+    ) -> Result<Result<R, E>, GroupCommitError>
+    where
+        F: FnMut(&WriteTransaction) -> Result<R, E> + Send + 'static,
+        R: Send + 'static,
+        E: Send + 'static,
+    {
+        self.progress().writers += 1;
+        let _counted = Counted(self);
+        let (out, ticket) = self.combine(db, f, true)?;
+        if let (Ok(_), Some(ticket)) = (&out, ticket) {
+            self.wait_durable(db, ticket)?;
+        }
+        Ok(out)
+    }
+
+    /// [`GroupCommit::write_deferred`], combined with the writes queued meanwhile into one
+    /// transaction as [`GroupCommit::write_combined`] (`f` may run twice). Returns once it
+    /// is committed, without waiting for the disk, with its [`Ticket`].
+    pub fn write_combined_deferred<R, E, F>(
+        &self,
+        db: &Database,
+        f: F,
+    ) -> Result<Deferred<R, E>, GroupCommitError>
+    where
+        F: FnMut(&WriteTransaction) -> Result<R, E> + Send + 'static,
+        R: Send + 'static,
+        E: Send + 'static,
+    {
+        self.progress().writers += 1;
+        let _counted = Counted(self);
+        let (out, ticket) = self.combine(db, f, false)?;
+        Ok(out.map(|out| {
+            // Only a write that waits for the disk commits durably alone.
+            let ticket = ticket.unwrap_or_else(|| self.progress().durable);
+            (out, Ticket(ticket))
+        }))
+    }
+
+    /// Queues `f`, runs the queue if nobody is, and returns `f`'s result with the ticket
+    /// of the commit that holds it (`None`: durable already, or nothing written).
+    fn combine<R, E, F>(
+        &self,
+        db: &Database,
+        f: F,
+        durable: bool,
+    ) -> Result<(Result<R, E>, Option<u64>), GroupCommitError>
+    where
+        F: FnMut(&WriteTransaction) -> Result<R, E> + Send + 'static,
+        R: Send + 'static,
+        E: Send + 'static,
+    {
+        let mut c = self.combining();
+        let id = c.next_id;
+        c.next_id += 1;
+        c.queue.push((
+            id,
+            Box::new(Typed {
+                f,
+                out: None,
+                panic: None,
+                durable,
+            }),
+        ));
+        let finished = loop {
+            if let Some(done) = c.done.remove(&id) {
+                break done;
+            }
+            if c.running {
+                c = self.combined.wait(c).unwrap_or_else(|e| e.into_inner());
+                continue;
+            }
+            c.running = true;
+            let batch = std::mem::take(&mut c.queue);
+            drop(c);
+            let running = Running {
+                group: self,
+                ids: batch.iter().map(|(id, _)| *id).collect(),
+            };
+            self.run_batch(db, batch);
+            drop(running);
+            c = self.combining();
+        };
+        drop(c);
+        let (job, ticket) = match finished {
+            Finished::Ran(job, ticket) => (job, ticket),
+            Finished::Failed(e) => return Err(e),
+        };
+        let Ok(job) = job.into_any().downcast::<Typed<F, R, E>>() else {
+            unreachable!("a combined write's result is of the type it was queued with");
+        };
+        if let Some(panic) = job.panic {
+            std::panic::resume_unwind(panic);
+        }
+        let Some(out) = job.out else {
+            unreachable!("a combined write that ran has a result");
+        };
+        Ok((out, ticket))
+    }
+
+    /// Runs a batch of combined writes, in one transaction or, when one of them fails or
+    /// the database does, each in its own; each result goes to [`Combining::done`] as soon
+    /// as it is known.
+    fn run_batch(&self, db: &Database, mut batch: Vec<(u64, Box<dyn Job>)>) {
+        let finish = |id: u64, done: Finished| {
+            self.combining().done.insert(id, done);
+        };
+        // One write waiting for the disk with nothing else in progress: a plain durable
+        // commit, as `write`.
+        let alone = batch.len() == 1 && batch[0].1.durable() && {
+            let p = self.progress();
+            p.writers == 1 && !p.syncing
+        };
+        match self.commit_together(db, &mut batch, alone) {
+            Ok(Some(ticket)) => {
+                let mut c = self.combining();
+                for (id, job) in batch {
+                    c.done.insert(id, Finished::Ran(job, ticket));
+                }
+                return;
+            }
+            // Alone, the outcome is final: failed, nothing written, and the error (the
+            // write's or the database's) is the result.
+            other if batch.len() == 1 => {
+                if let Some((id, job)) = batch.pop() {
+                    finish(
+                        id,
+                        match other {
+                            Err(e) => Finished::Failed(e),
+                            Ok(_) => Finished::Ran(job, None),
+                        },
+                    );
+                }
+                return;
+            }
+            _ => {}
+        }
+        for (id, mut job) in batch {
+            let done = match self.commit_each(db, &mut job) {
+                Ok(ticket) => Finished::Ran(job, ticket),
+                Err(e) => Finished::Failed(e),
+            };
+            finish(id, done);
+            self.combined.notify_all();
+        }
+    }
+
+    /// Runs every job of `batch` in one transaction and commits it (durably when `alone`):
+    /// `Some(ticket)` (`Some(None)`: durable already), or `None` when a job failed (nothing
+    /// written).
+    fn commit_together(
+        &self,
+        db: &Database,
+        batch: &mut [(u64, Box<dyn Job>)],
+        alone: bool,
+    ) -> Result<Option<Option<u64>>, GroupCommitError> {
+        let mut txn = db.begin_write()?;
+        let covers = self.progress().committed;
+        if !alone {
+            txn.set_durability(Durability::None)?;
+        }
+        for (_, job) in batch.iter_mut() {
+            if !job.run(&txn) {
+                return Ok(None);
+            }
+        }
+        txn.commit()?;
+        if alone {
+            let mut p = self.progress();
+            if covers > p.durable {
+                p.durable = covers;
+                self.synced.notify_all();
+            }
+            return Ok(Some(None));
+        }
+        Ok(Some(Some(self.count_commit().0)))
+    }
+
+    /// Runs one job in its own transaction, committed without durability: its ticket, or
+    /// `None` when it failed (nothing written).
+    fn commit_each(
+        &self,
+        db: &Database,
+        job: &mut Box<dyn Job>,
+    ) -> Result<Option<u64>, GroupCommitError> {
+        let mut txn = db.begin_write()?;
+        txn.set_durability(Durability::None)?;
+        if !job.run(&txn) {
+            return Ok(None);
+        }
+        txn.commit()?;
+        Ok(Some(self.count_commit().0))
     }
 
     /// Runs `f` in a write transaction of `db` and returns once what it wrote is durable.
@@ -408,6 +741,148 @@ mod tests {
             assert!(panicked.is_err());
             assert_eq!(group.progress().writers, 0);
         }
+    }
+
+    /// A write run on its own thread by [`queue_behind`].
+    type Writer<T> = Box<dyn FnOnce(&Database, &GroupCommit) -> T + Send>;
+
+    /// Holds redb's write lock while the first of `writes` becomes the combined writer
+    /// (blocked in its transaction's start) and the others queue behind it; then lets them
+    /// go. Returns each writer's thread, in order.
+    fn queue_behind<T: Send + 'static>(
+        db: &Arc<Database>,
+        group: &Arc<GroupCommit>,
+        writes: Vec<Writer<T>>,
+    ) -> Vec<std::thread::JoinHandle<T>> {
+        let held = db.begin_write().unwrap();
+        let mut threads = Vec::new();
+        for (i, write) in writes.into_iter().enumerate() {
+            let (db2, group2) = (db.clone(), group.clone());
+            threads.push(std::thread::spawn(move || write(&db2, &group2)));
+            // The first runs the queue (and waits for the lock); the others queue.
+            while {
+                let c = group.combining();
+                !(c.running && c.queue.len() == i)
+            } {
+                std::thread::sleep(std::time::Duration::from_millis(1));
+            }
+        }
+        drop(held);
+        threads
+    }
+
+    #[test]
+    fn combined_writes_queued_meanwhile_commit_in_one_transaction_and_are_durable() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("db.redb");
+        {
+            let db = Arc::new(Database::create(&path).unwrap());
+            let group = Arc::new(GroupCommit::default());
+            let writes: Vec<Writer<u64>> = (0..6u64)
+                .map(|k| {
+                    Box::new(move |db: &Database, group: &GroupCommit| {
+                        group
+                            .write_combined(db, move |txn| {
+                                txn.open_table(T)?.insert(k, k * 10)?;
+                                Ok::<_, redb::Error>(k)
+                            })
+                            .unwrap()
+                            .unwrap()
+                    }) as Writer<u64>
+                })
+                .collect();
+            let threads = queue_behind(&db, &group, writes);
+            let got: Vec<u64> = threads.into_iter().map(|t| t.join().unwrap()).collect();
+            assert_eq!(got, (0..6).collect::<Vec<_>>());
+            // The first found nothing else in progress: a durable commit of its own (as
+            // `write`); the five queued behind it: one transaction, one counted commit.
+            let p = group.progress();
+            assert_eq!(p.committed, 1);
+            assert_eq!(p.durable, p.committed);
+            assert_eq!(p.writers, 0);
+        }
+        assert_eq!(reopened(&path, 5), (6, true));
+    }
+
+    #[test]
+    fn a_combined_write_that_fails_or_panics_costs_the_others_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("db.redb");
+        {
+            let db = Arc::new(Database::create(&path).unwrap());
+            let group = Arc::new(GroupCommit::default());
+            let runs = Arc::new(std::sync::atomic::AtomicU64::new(0));
+            let write = |k: u64,
+                         how: &'static str,
+                         runs: Arc<std::sync::atomic::AtomicU64>|
+             -> Writer<Result<(), redb::Error>> {
+                Box::new(move |db: &Database, group: &GroupCommit| {
+                    group
+                        .write_combined(db, move |txn| {
+                            runs.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                            txn.open_table(T)?.insert(k, k)?;
+                            match how {
+                                "fail" => Err(redb::Error::Corrupted("refused".into())),
+                                "panic" => panic!("boom"),
+                                _ => Ok(()),
+                            }
+                        })
+                        .unwrap()
+                })
+            };
+            let writes = vec![
+                write(1, "ok", runs.clone()),
+                write(2, "ok", runs.clone()),
+                write(3, "fail", runs.clone()),
+                write(4, "panic", runs.clone()),
+                write(5, "ok", runs.clone()),
+            ];
+            let threads = queue_behind(&db, &group, writes);
+            let got: Vec<_> = threads.into_iter().map(|t| t.join()).collect();
+            assert!(matches!(got[0], Ok(Ok(()))));
+            assert!(matches!(got[1], Ok(Ok(()))));
+            // The failed write gets its own error, the panicking one panics on its own
+            // thread; the others committed.
+            assert!(matches!(got[2], Ok(Err(_))));
+            assert!(got[3].is_err());
+            assert!(matches!(got[4], Ok(Ok(()))));
+            // The batch of four ran together once (up to the failure), then each alone
+            // (the panicked one not again): 1 + 3 + 3.
+            assert_eq!(runs.load(std::sync::atomic::Ordering::SeqCst), 7);
+            assert_eq!(group.progress().writers, 0);
+            assert!(!group.combining().running);
+        }
+        let db = Database::create(&path).unwrap();
+        let read = db.begin_read().unwrap();
+        let t = read.open_table(T).unwrap();
+        let keys: Vec<u64> = (1..=5).filter(|k| t.get(k).unwrap().is_some()).collect();
+        assert_eq!(keys, vec![1, 2, 5]);
+    }
+
+    #[test]
+    fn a_combined_deferred_write_returns_before_the_disk_and_a_sync_covers_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = Database::create(dir.path().join("db.redb")).unwrap();
+        let group = GroupCommit::default();
+        let ((), ticket) = group
+            .write_combined_deferred(&db, |txn| {
+                txn.open_table(T)?.insert(1, 1)?;
+                Ok::<_, redb::Error>(())
+            })
+            .unwrap()
+            .unwrap();
+        assert!(!group.is_durable(ticket));
+        group.sync(&db, ticket).unwrap();
+        assert!(group.is_durable(ticket));
+        let failed = group
+            .write_combined_deferred(&db, |txn| {
+                txn.open_table(T)?.insert(2, 2)?;
+                Err::<(), _>(redb::Error::Corrupted("refused".into()))
+            })
+            .unwrap();
+        assert!(failed.is_err());
+        let read = db.begin_read().unwrap();
+        assert!(read.open_table(T).unwrap().get(2).unwrap().is_none());
     }
 
     /// The child of [`acknowledged_writes_survive_the_process_dying`]: grouped writes from

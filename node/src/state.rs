@@ -89,6 +89,10 @@ pub enum StateError {
         /// The decoding error.
         reason: String,
     },
+    /// A write combined with others has no outcome: the writer running their transaction
+    /// failed unexpectedly (panicked outside the writes). Whether it was written is unknown.
+    #[error("the outcome of the write is unknown: its combined transaction failed unexpectedly")]
+    Lost,
     /// The database was written by a newer d402.
     #[error("database schema {found} is newer than this d402 understands ({SCHEMA_VERSION})")]
     Schema {
@@ -248,6 +252,33 @@ impl State {
             .map_err(|e| self.group_error(e))
     }
 
+    /// [`State::write_with`], combined with concurrent writes into one transaction
+    /// ([`GroupCommit::write_combined`]): `f` may run twice and must compute everything
+    /// from the transaction it is given.
+    pub fn write_combined<R, E, F>(&self, f: F) -> Result<Result<R, E>, StateError>
+    where
+        F: FnMut(&WriteTransaction) -> Result<R, E> + Send + 'static,
+        R: Send + 'static,
+        E: Send + 'static,
+    {
+        self.group
+            .write_combined(&self.db, f)
+            .map_err(|e| self.group_error(e))
+    }
+
+    /// [`State::write_deferred`], combined with concurrent writes into one transaction
+    /// ([`GroupCommit::write_combined_deferred`]; `f` may run twice).
+    pub fn write_combined_deferred<R, E, F>(&self, f: F) -> Result<Deferred<R, E>, StateError>
+    where
+        F: FnMut(&WriteTransaction) -> Result<R, E> + Send + 'static,
+        R: Send + 'static,
+        E: Send + 'static,
+    {
+        self.group
+            .write_combined_deferred(&self.db, f)
+            .map_err(|e| self.group_error(e))
+    }
+
     /// Runs `f` in one write transaction committed without waiting for the disk: what it
     /// wrote is visible at once and durable with the next durable commit. Whatever depends
     /// on it is acknowledged only after [`State::sync`] of the returned [`Ticket`]
@@ -300,6 +331,7 @@ impl State {
                 path: self.path.clone(),
                 reason: e.to_string(),
             },
+            GroupCommitError::Lost => StateError::Lost,
         }
     }
 

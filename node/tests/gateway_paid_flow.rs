@@ -36,6 +36,8 @@ const BUDGET: &str = "0.009"; // 9_000 units: at most 3_000 per worker with fano
 const FLOOR: u64 = 2_000; // each worker's bid
 const BPS: u64 = 1_000; // 10% creator commission
 const FUNDS: u64 = 1_000_000;
+/// Paid tasks sent at once in step 3b.
+const CONCURRENT: usize = 12;
 
 fn task_request() -> Value {
     json!({"capability": "test.echo@1", "input": {"msg": "hello, paid world"}})
@@ -227,6 +229,63 @@ async fn paid_task_splits_to_the_unit_replay_refused_no_workers_refunded() {
     .unwrap();
     assert_eq!(again.error.as_deref(), Some("payment_replayed"));
     assert_eq!(balance(addr, &payer_addr).await, FUNDS - PRICE);
+
+    // 3b. Paid tasks at once (under load their commits combine into shared transactions):
+    // each answered 200 with its own receipt, and every balance moves by exactly the
+    // receipts' transfers (which add up to the price), the payer's by the prices.
+    let mut accounts = worker_wallets.clone();
+    accounts.extend([creator.clone(), gateway_account.clone(), payer_addr.clone()]);
+    let mut before = BTreeMap::new();
+    for a in &accounts {
+        before.insert(a.clone(), balance(addr, a).await);
+    }
+    let mut payments = Vec::new();
+    for _ in 0..CONCURRENT {
+        payments.push(pay(addr, &payer).await);
+    }
+    let answers = futures::future::join_all(payments.into_iter().map(|payment| async move {
+        http(
+            addr,
+            "POST",
+            "/v1/tasks",
+            &[(PAYMENT_SIGNATURE, payment)],
+            Some(task_request()),
+        )
+        .await
+    }))
+    .await;
+    let mut moved: BTreeMap<String, i128> = BTreeMap::new();
+    let mut tasks = std::collections::BTreeSet::new();
+    for (status, headers, body) in answers {
+        assert_eq!(status, 200, "{}", String::from_utf8_lossy(&body));
+        let done = json_of(&body);
+        assert_eq!(done["status"], "completed");
+        assert!(tasks.insert(done["task_id"].as_str().unwrap().to_string()));
+        let response = SettlementResponse::from_header(
+            headers.get(PAYMENT_RESPONSE).unwrap().to_str().unwrap(),
+        )
+        .unwrap();
+        let receipt = response
+            .verified_receipt(Some(&gateway_pub))
+            .unwrap()
+            .expect("a receipt")
+            .clone();
+        assert_eq!(receipt.body.charged.units, PRICE);
+        assert_eq!(
+            receipt.body.transfers.iter().map(|t| t.units).sum::<u64>(),
+            PRICE
+        );
+        *moved.entry(payer_addr.clone()).or_default() -= i128::from(PRICE);
+        for t in &receipt.body.transfers {
+            *moved.entry(t.to.clone()).or_default() += i128::from(t.units);
+        }
+    }
+    for a in &accounts {
+        let now = i128::from(balance(addr, a).await);
+        let want = i128::from(before[a]) + moved.get(a).copied().unwrap_or(0);
+        assert_eq!(now, want, "account {a}");
+    }
+    assert!(rail.audit().unwrap().is_balanced());
 
     // 4. No workers left: 503 no_workers, the payment refunded.
     for w in workers {

@@ -381,16 +381,27 @@ async fn create_inner(
         let claim_key = claim_key.clone();
         // `inline`: only if redb's write lock is free at once (`None` otherwise, nothing run).
         let lock = move |inline: bool| {
-            let record = |txn: &redb::WriteTransaction| {
-                if let Some(k) = &claim_key {
-                    match idempotency.claim_in(txn, k, hash, task_id) {
-                        Ok(Begin::New) => {}
-                        Ok(taken) => return Err(LockError::KeyTaken(taken)),
-                        Err(e) => return Err(LockError::Key(e)),
+            // Owns what it writes: a combined write may run twice (`write_combined_deferred`).
+            let record = {
+                let (rail, idempotency, paid, verified, task, claim_key) = (
+                    rail.clone(),
+                    idempotency.clone(),
+                    paid.clone(),
+                    verified.clone(),
+                    task.clone(),
+                    claim_key.clone(),
+                );
+                move |txn: &redb::WriteTransaction| {
+                    if let Some(k) = &claim_key {
+                        match idempotency.claim_in(txn, k, hash, task_id) {
+                            Ok(Begin::New) => {}
+                            Ok(taken) => return Err(LockError::KeyTaken(taken)),
+                            Err(e) => return Err(LockError::Key(e)),
+                        }
                     }
+                    lock_and_record(txn, &rail, &paid, &verified, now, joint.then_some(&task))
+                        .map_err(LockError::Rail)
                 }
-                lock_and_record(txn, &rail, &paid, &verified, now, joint.then_some(&task))
-                    .map_err(LockError::Rail)
             };
             // In the node's database (always in `d402 node`) the lock commits without
             // waiting for the disk: the leases go out at once, and the commit that settles
@@ -401,7 +412,8 @@ async fn create_inner(
                 let written = if inline {
                     state.try_write_deferred(record).transpose()?
                 } else {
-                    state.write_deferred(record)
+                    // Under load: one transaction with the other writes queued meanwhile.
+                    state.write_combined_deferred(record)
                 };
                 Some(
                     written

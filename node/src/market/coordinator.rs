@@ -1547,8 +1547,9 @@ impl Coordinator {
         Ok(judgement)
     }
 
-    /// Records claims of one task in one transaction; one result per claim, and the task's
-    /// record if they decided it. Nothing is written when every claim is refused.
+    /// Records claims of one task in one transaction (combined with other tasks' writes
+    /// under load: [`Tasks::update_combined`]); one result per claim, and the task's record
+    /// if they decided it. Nothing is written when every claim is refused.
     fn record_claims(
         &self,
         claims: &[(PeerId, Signed<Claim>)],
@@ -1557,7 +1558,7 @@ impl Coordinator {
         let now = now_ms();
         // The codec verified each claim's signature when it decoded it (on `/d402/claim/1`
         // or inline in a lease's answer); it must be the sending peer's.
-        let mut results: Vec<Result<ClaimJudgement, ClaimRefusal>> = claims
+        let checked: Vec<Result<ClaimJudgement, ClaimRefusal>> = claims
             .iter()
             .map(|(peer, claim)| match public_key_of(peer) {
                 Ok(from) if claim.signer == from => Ok(ClaimJudgement::Pending),
@@ -1567,65 +1568,31 @@ impl Coordinator {
         let Some(task_id) = claims.first().map(|(_, c)| c.body.task_id) else {
             return (Vec::new(), None);
         };
-        let mut decided = None;
-        let written = inner.tasks.update_with(&task_id, |txn, r| {
-            let was_accepted = r.phase == Phase::Accepted;
-            let mut any = false;
-            for ((_, claim), result) in claims.iter().zip(results.iter_mut()) {
-                if result.is_err() {
-                    continue;
-                }
-                if claim.body.task_id != task_id {
-                    *result = Err(ClaimRefusal::UnknownTask);
-                    continue;
-                }
-                *result = self.apply_claim(txn, r, claim, now);
-                any |= result.is_ok();
-            }
-            if !any {
-                // Abort: nothing to write.
-                return Err(ClaimRefusal::Duplicate);
-            }
-            // The claim that completes the quorum decides the task in the same commit,
-            // unless a step stands between (the primary's snapshot to pin and check,
-            // validators to ask): those are the driver's.
-            let pin_pending = r.spec.takes_snapshot && !r.primary_done;
-            if r.phase == Phase::Leasing
-                && r.validators == 0
-                && !pin_pending
-                && let Some(output_cid) = quorum_reached(r)
-            {
-                let judged = self.accept_in(txn, r, output_cid, now).map_err(|e| {
-                    warn!(task = %task_id, error = %e, "cannot decide the task");
-                    ClaimRefusal::Internal
-                })?;
-                decided = Some((r.clone(), judged));
-            } else if was_accepted
-                && !r.leases.iter().any(|l| l.is_open())
-                && let Some(hook) = self.inner.accept_hook.get()
-            {
-                // The last open lease of an accepted task brought its claim: the task is
-                // complete, and the hook settles it in this commit (it waited for this
-                // claim, which may be paid too).
-                hook(txn, r);
-            }
-            Ok(())
+        let me = self.clone();
+        let owned: Arc<[Signed<Claim>]> = claims.iter().map(|(_, c)| c.clone()).collect();
+        let pre = checked.clone();
+        let written = inner.tasks.update_combined(task_id, move |txn, r| {
+            me.apply_claims(txn, r, &owned, pre.clone(), now)
         });
-        match written {
-            Ok(Some(())) => {}
+        let (results, decided) = match written {
+            Ok(Some(done)) => done,
             Ok(None) => {
-                let refused = results
+                let refused = checked
                     .into_iter()
                     .map(|r| r.and(Err(ClaimRefusal::UnknownTask)))
                     .collect();
                 return (refused, None);
             }
-            Err(e) => {
+            Err(Aborted { reason, results }) => {
                 // Each claim keeps its own refusal; those that would have been accepted
                 // share the transaction's failure (nothing was written).
-                return (results.into_iter().map(|r| r.and(Err(e))).collect(), None);
+                let results = results.unwrap_or(checked);
+                return (
+                    results.into_iter().map(|r| r.and(Err(reason))).collect(),
+                    None,
+                );
             }
-        }
+        };
         if let Some((done, judged)) = &decided
             && let Err(e) = self.after_acceptance(done, judged, now)
         {
@@ -1648,6 +1615,95 @@ impl Coordinator {
             })
             .collect();
         (results, decided.map(|(done, _)| done))
+    }
+
+    /// The write of [`Coordinator::record_claims`] on the task's record `r` inside `txn`:
+    /// applies each claim whose check `results` passed, and decides the task when they
+    /// complete its quorum. Runs again from the start if its combined transaction is
+    /// dropped, so everything it computes is in what it returns.
+    fn apply_claims(
+        &self,
+        txn: &redb::WriteTransaction,
+        r: &mut TaskRecord,
+        claims: &[Signed<Claim>],
+        mut results: Vec<Result<ClaimJudgement, ClaimRefusal>>,
+        now: u64,
+    ) -> Result<Applied, Aborted> {
+        let task_id = r.spec.task_id;
+        let was_accepted = r.phase == Phase::Accepted;
+        let mut any = false;
+        for (claim, result) in claims.iter().zip(results.iter_mut()) {
+            if result.is_err() {
+                continue;
+            }
+            if claim.body.task_id != task_id {
+                *result = Err(ClaimRefusal::UnknownTask);
+                continue;
+            }
+            *result = self.apply_claim(txn, r, claim, now);
+            any |= result.is_ok();
+        }
+        if !any {
+            // Abort: nothing to write.
+            return Err(Aborted {
+                reason: ClaimRefusal::Duplicate,
+                results: Some(results),
+            });
+        }
+        // The claim that completes the quorum decides the task in the same commit, unless a
+        // step stands between (the primary's snapshot to pin and check, validators to ask):
+        // those are the driver's.
+        let pin_pending = r.spec.takes_snapshot && !r.primary_done;
+        let mut decided = None;
+        if r.phase == Phase::Leasing
+            && r.validators == 0
+            && !pin_pending
+            && let Some(output_cid) = quorum_reached(r)
+        {
+            match self.accept_in(txn, r, output_cid, now) {
+                Ok(judged) => decided = Some((r.clone(), judged)),
+                Err(e) => {
+                    warn!(task = %task_id, error = %e, "cannot decide the task");
+                    return Err(Aborted {
+                        reason: ClaimRefusal::Internal,
+                        results: Some(results),
+                    });
+                }
+            }
+        } else if was_accepted
+            && !r.leases.iter().any(|l| l.is_open())
+            && let Some(hook) = self.inner.accept_hook.get()
+        {
+            // The last open lease of an accepted task brought its claim: the task is
+            // complete, and the hook settles it in this commit (it waited for this claim,
+            // which may be paid too).
+            hook(txn, r);
+        }
+        Ok((results, decided))
+    }
+}
+
+/// What [`Coordinator::apply_claims`] computed: each claim's judgement or refusal, and the
+/// task's record with the judgements it made when the claims decided it.
+type Applied = (
+    Vec<Result<ClaimJudgement, ClaimRefusal>>,
+    Option<(TaskRecord, Vec<([u8; 32], ClaimJudgement)>)>,
+);
+
+/// Why [`Coordinator::apply_claims`] wrote nothing: the refusal the claims not refused on
+/// their own share, and each claim's result when it got that far.
+#[derive(Debug)]
+struct Aborted {
+    reason: ClaimRefusal,
+    results: Option<Vec<Result<ClaimJudgement, ClaimRefusal>>>,
+}
+
+impl From<StateError> for Aborted {
+    fn from(e: StateError) -> Self {
+        Aborted {
+            reason: e.into(),
+            results: None,
+        }
     }
 }
 

@@ -431,6 +431,30 @@ impl Tasks {
         }
     }
 
+    /// [`Tasks::update_with`] combined with concurrent writes into one transaction
+    /// ([`State::write_combined`]): `f` may run twice (each time on the record as the
+    /// transaction it is given reads it), so it owns what it needs and returns all it
+    /// computes. `Ok(None)` when there is no such task.
+    pub fn update_combined<R, E, F>(&self, id: TaskId, mut f: F) -> Result<Option<R>, E>
+    where
+        F: FnMut(&WriteTransaction, &mut TaskRecord) -> Result<R, E> + Send + 'static,
+        R: Send + 'static,
+        E: From<StateError> + Send + 'static,
+    {
+        self.state.write_combined(move |txn| {
+            let mut t = txn.open_table(TASKS).map_err(StateError::from)?;
+            let mut rec: TaskRecord = match t.get(&id.0[..]).map_err(StateError::from)? {
+                Some(v) => decode("tasks", v.value(), MAX_TASK_RECORD)?,
+                None => return Ok(None),
+            };
+            let out = f(txn, &mut rec)?;
+            let bytes = encode("tasks", &rec)?;
+            t.insert(&id.0[..], bytes.as_slice())
+                .map_err(StateError::from)?;
+            Ok(Some(out))
+        })?
+    }
+
     /// Keeps the snapshot `task` pinned (committed before it returns).
     pub fn put_snapshot(
         &self,
