@@ -389,3 +389,36 @@ fn a_full_pool_answers_busy_instead_of_waiting() {
         Outcome::Ok { .. }
     ));
 }
+
+/// Runs leave nothing behind for the next run in the same pooled slot: not in the part of
+/// linear memory kept resident between runs (reset with memset), not beyond it (returned
+/// to the kernel), and the data segment is restored. Each run reads three words (in the
+/// data segment, in the first page, 1.5 MiB in) and then overwrites them.
+#[test]
+fn a_run_sees_nothing_of_the_previous_runs_memory() {
+    let wat = r#"(module
+  (memory (export "memory") 32)
+  (func (export "d402_alloc") (param $len i32) (result i32) (i32.const 1024))
+  (func (export "d402_run") (param $ptr i32) (param $len i32) (result i64)
+    (i64.store (i32.const 2048) (i64.load (i32.const 16)))
+    (i64.store (i32.const 2056) (i64.load (i32.const 4096)))
+    (i64.store (i32.const 2064) (i64.load (i32.const 1572864)))
+    (i64.store (i32.const 16) (i64.const -1))
+    (i64.store (i32.const 4096) (i64.const -1))
+    (i64.store (i32.const 1572864) (i64.const -1))
+    (i64.or (i64.shl (i64.const 2048) (i64.const 32)) (i64.const 24)))
+  (data (i32.const 16) "bad inpu")
+)"#;
+    let ex = executor();
+    let (cid, bytes) = wasm(wat);
+    let module = ex.prepare(&cid, &bytes).unwrap();
+    let mut want = b"bad inpu".to_vec();
+    want.extend([0u8; 16]);
+    // More runs than the pool has slots: slots are reused.
+    for i in 0..3 * ExecutorConfig::default().max_concurrent {
+        match ex.run(&module, b"x", &limits()).unwrap() {
+            Outcome::Ok { output, .. } => assert_eq!(output, want, "run {i}"),
+            other => panic!("run {i}: {other:?}"),
+        }
+    }
+}
