@@ -92,6 +92,15 @@ pub struct Ticket(u64);
 /// succeeded (nothing is written when it failed).
 pub type Deferred<R, E> = Result<(R, Ticket), E>;
 
+/// A write that can join a combined transaction ([`GroupCommit::write_combined`]): it may
+/// run more than once, each time computing its result from the transaction it is given.
+pub trait CombinedWrite<R, E>: FnMut(&WriteTransaction) -> Result<R, E> + Send + 'static {}
+
+impl<T, R, E> CombinedWrite<R, E> for T where
+    T: FnMut(&WriteTransaction) -> Result<R, E> + Send + 'static
+{
+}
+
 /// One write of a combined transaction, its function and (once run) its result.
 trait Job: Send {
     /// Runs the write in `txn`; whether it succeeded (if not, `txn` must not commit).
@@ -113,7 +122,7 @@ struct Typed<F, R, E> {
 
 impl<F, R, E> Job for Typed<F, R, E>
 where
-    F: FnMut(&WriteTransaction) -> Result<R, E> + Send + 'static,
+    F: CombinedWrite<R, E>,
     R: Send + 'static,
     E: Send + 'static,
 {
@@ -239,7 +248,7 @@ impl GroupCommit {
         f: F,
     ) -> Result<Result<R, E>, GroupCommitError>
     where
-        F: FnMut(&WriteTransaction) -> Result<R, E> + Send + 'static,
+        F: CombinedWrite<R, E>,
         R: Send + 'static,
         E: Send + 'static,
     {
@@ -261,7 +270,7 @@ impl GroupCommit {
         f: F,
     ) -> Result<Deferred<R, E>, GroupCommitError>
     where
-        F: FnMut(&WriteTransaction) -> Result<R, E> + Send + 'static,
+        F: CombinedWrite<R, E>,
         R: Send + 'static,
         E: Send + 'static,
     {
@@ -284,7 +293,7 @@ impl GroupCommit {
         durable: bool,
     ) -> Result<(Result<R, E>, Option<u64>), GroupCommitError>
     where
-        F: FnMut(&WriteTransaction) -> Result<R, E> + Send + 'static,
+        F: CombinedWrite<R, E>,
         R: Send + 'static,
         E: Send + 'static,
     {

@@ -20,7 +20,7 @@
 //! holds the tables every node has: [`META`] (schema version) and [`PEERS`].
 
 use crate::{
-    group_commit::{Deferred, GroupCommit, GroupCommitError, Ticket},
+    group_commit::{CombinedWrite, Deferred, GroupCommit, GroupCommitError, Ticket},
     journal::{self, JournalError, Journaled},
 };
 use std::{
@@ -257,7 +257,7 @@ impl State {
     /// from the transaction it is given.
     pub fn write_combined<R, E, F>(&self, f: F) -> Result<Result<R, E>, StateError>
     where
-        F: FnMut(&WriteTransaction) -> Result<R, E> + Send + 'static,
+        F: CombinedWrite<R, E>,
         R: Send + 'static,
         E: Send + 'static,
     {
@@ -270,7 +270,7 @@ impl State {
     /// ([`GroupCommit::write_combined_deferred`]; `f` may run twice).
     pub fn write_combined_deferred<R, E, F>(&self, f: F) -> Result<Deferred<R, E>, StateError>
     where
-        F: FnMut(&WriteTransaction) -> Result<R, E> + Send + 'static,
+        F: CombinedWrite<R, E>,
         R: Send + 'static,
         E: Send + 'static,
     {
