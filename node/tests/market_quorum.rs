@@ -317,6 +317,7 @@ async fn a_late_claim_closing_the_last_lease_settles_in_its_own_commit() {
         log.lock()
             .unwrap()
             .push((r.phase.clone(), open, r.claims.len()));
+        Ok(())
     })));
     let rec = run_accepted(&coord, task(&offer, br#"{"n":7}"#, 3, 2), 3).await;
     assert!(
@@ -328,6 +329,59 @@ async fn a_late_claim_closing_the_last_lease_settles_in_its_own_commit() {
         *seen.lock().unwrap(),
         vec![(Phase::Accepted, 1, 2), (Phase::Accepted, 0, 3)]
     );
+    for w in workers {
+        w.stop().await;
+    }
+    gw.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failing_acceptance_hook_commits_nothing_of_the_decision() {
+    // The hook writes, then fails (as a capture whose write failed would): the claims that
+    // would decide the task are refused, nothing the hook wrote commits, and the task is not
+    // accepted; it fails at its deadline.
+    const MARKER: redb::TableDefinition<&[u8], u64> = redb::TableDefinition::new("test_marker");
+    let dirs: Vec<_> = (0..4).map(|_| tempfile::tempdir().unwrap()).collect();
+    let offer = echo_offer(10);
+    let mut workers = Vec::new();
+    for (i, d) in dirs[1..].iter().enumerate() {
+        workers.push(start_worker(d.path(), worker_cfg(&offer, i)).await);
+    }
+    let (gw, coord) = gateway_for(dirs[0].path(), &workers).await;
+    let calls = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let count = calls.clone();
+    assert!(coord.on_acceptance(std::sync::Arc::new(move |txn, r| {
+        count.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        let mut t = txn.open_table(MARKER).unwrap();
+        t.insert(&r.spec.task_id.0[..], 1).unwrap();
+        Err(d402_node::market::coordinator::HookFailed(
+            "disk full".into(),
+        ))
+    })));
+    let mut spec = task(&offer, br#"{"n":11}"#, 3, 2);
+    spec.deadline = d402_node::market::now_ms() + 3_000;
+    let id = spec.task_id;
+    let done = tokio::time::timeout(Duration::from_secs(30), coord.run_task(spec))
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(
+        matches!(done.phase, Phase::Failed { .. }),
+        "{:?}",
+        done.phase
+    );
+    assert!(done.accepted_output.is_none());
+    assert!(done.claims.is_empty(), "claims recorded: {:?}", done.claims);
+    assert!(calls.load(std::sync::atomic::Ordering::SeqCst) >= 1);
+    let marked = gw
+        .state
+        .read(|txn| match txn.open_table(MARKER) {
+            Ok(t) => Ok(t.get(&id.0[..])?.is_some()),
+            Err(redb::TableError::TableDoesNotExist(_)) => Ok(false),
+            Err(e) => Err(e.into()),
+        })
+        .unwrap();
+    assert!(!marked, "the failed hook's write committed");
     for w in workers {
         w.stop().await;
     }

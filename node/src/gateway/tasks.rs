@@ -56,7 +56,7 @@ use super::{
 };
 use crate::{
     market::{
-        coordinator::AcceptHook,
+        coordinator::{AcceptHook, HookFailed},
         now_ms,
         tasks::{ClaimJudgement, Phase, TaskRecord, TaskSpec, Tasks},
     },
@@ -921,7 +921,8 @@ async fn with_late_claims(app: &Arc<AppState>, rec: TaskRecord) -> TaskRecord {
 /// (otherwise a late agreeing claim would go unpaid: the task is settled after the run). A
 /// task without a `PaidTask` row (not sold over HTTP) is left alone; a refused capture
 /// (logged) leaves the transaction untouched and [`settle`] decides after the run as
-/// before.
+/// before. A failed write (of the capture, or of the stored answer after it) fails the
+/// hook, so that nothing of a half-written capture commits.
 pub fn capture_on_acceptance(rail: Arc<LocalRail>, idempotency: Idempotency) -> AcceptHook {
     Arc::new(move |txn, rec| {
         let id = rec.spec.task_id;
@@ -935,7 +936,7 @@ pub fn capture_on_acceptance(rail: Arc<LocalRail>, idempotency: Idempotency) -> 
         // Leases still open may bring agreeing claims that are to be paid too: such a task
         // is settled after the run (`with_late_claims`, then `settle`).
         let Some(paid) = paid.filter(|_| !rec.leases.iter().any(|l| l.is_open())) else {
-            return;
+            return Ok(());
         };
         let plan = capture_plan(rec, &paid.commission);
         let receipt = match rail.capture_in(txn, id, &plan, now_ms()) {
@@ -947,23 +948,33 @@ pub fn capture_on_acceptance(rail: Arc<LocalRail>, idempotency: Idempotency) -> 
                 | RailError::AlreadyRefunded(_)),
             ) => {
                 debug!(task = %id, error = %e, "task settled already; the late claim is recorded only");
-                return;
+                return Ok(());
             }
+            // A write of the capture failed: part of it may be in the transaction.
+            Err(e @ RailError::Storage(_)) => return Err(HookFailed(e.to_string())),
+            // Refused before its first write: the transaction is untouched.
             Err(e) => {
                 warn!(task = %id, error = %e, "capture with the acceptance refused; settling after the run");
-                return;
+                return Ok(());
             }
         };
         // The answer to a keyed request commits with the capture too (one commit less);
         // `finish` then finds it and sends it as stored.
         if let Some(k) = &paid.idempotency_key {
-            let stored = answer(&rail, &paid, Some(rec), &Settlement::Captured(receipt))
-                .map_err(|e| e.to_string())
-                .and_then(|a| idempotency.finish_in(txn, k, &a).map_err(|e| e.to_string()));
-            if let Err(e) = stored {
+            let not_stored = match answer(&rail, &paid, Some(rec), &Settlement::Captured(receipt)) {
+                Ok(a) => match idempotency.finish_in(txn, k, &a) {
+                    Ok(_) => None,
+                    // The capture is written: a failed write must not commit without it.
+                    Err(e @ IdempotencyError::State(_)) => return Err(HookFailed(e.to_string())),
+                    Err(e) => Some(e.to_string()),
+                },
+                Err(e) => Some(e.to_string()),
+            };
+            if let Some(e) = not_stored {
                 warn!(task = %id, error = %e, "answer not stored with the capture; stored after the run");
             }
         }
+        Ok(())
     })
 }
 

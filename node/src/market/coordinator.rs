@@ -124,6 +124,9 @@ pub enum CoordinatorError {
     /// The runtime is shutting down: a database write did not run.
     #[error("interrupted: the node is shutting down")]
     Interrupted,
+    /// The acceptance hook failed: the acceptance did not commit.
+    #[error(transparent)]
+    Hook(#[from] HookFailed),
 }
 
 /// Timers and terms of the coordinator.
@@ -208,9 +211,19 @@ impl Wakers {
 /// What runs inside the transaction that accepts a task, with the accepted record, and
 /// again in the transaction that records a late claim closing the last open lease of an
 /// accepted task: the gateway captures the task's payment there, so that acceptance (or the
-/// last claim) and payment commit together. It must leave the transaction untouched when
-/// it fails (the rail's `_in` forms do), and it cannot stop the acceptance.
-pub type AcceptHook = Arc<dyn Fn(&redb::WriteTransaction, &TaskRecord) + Send + Sync>;
+/// last claim) and payment commit together. A refusal it can settle later must leave the
+/// transaction untouched and return `Ok` (the rail's `_in` forms check before they write);
+/// an error returned means the transaction may be partly written, and nothing of it
+/// commits: the claims it would have recorded are refused ([`ClaimRefusal::Internal`]) and
+/// the task stays undecided.
+pub type AcceptHook =
+    Arc<dyn Fn(&redb::WriteTransaction, &TaskRecord) -> Result<(), HookFailed> + Send + Sync>;
+
+/// An [`AcceptHook`] failed after it may have written to the transaction (a storage error):
+/// the transaction must not commit.
+#[derive(Debug, thiserror::Error)]
+#[error("the acceptance hook failed: {0}")]
+pub struct HookFailed(pub String);
 
 /// A new task's record with the leases issued in it ([`Coordinator::prepare`]).
 #[derive(Debug, Clone)]
@@ -1396,7 +1409,7 @@ impl Coordinator {
         r.phase = Phase::Accepted;
         r.updated_at = now;
         if let Some(hook) = self.inner.accept_hook.get() {
-            hook(txn, r);
+            hook(txn, r)?;
         }
         if self.inner.joint {
             for (w, judgement) in &judged {
@@ -1677,7 +1690,13 @@ impl Coordinator {
             // The last open lease of an accepted task brought its claim: the task is
             // complete, and the hook settles it in this commit (it waited for this claim,
             // which may be paid too).
-            hook(txn, r);
+            if let Err(e) = hook(txn, r) {
+                warn!(task = %task_id, error = %e, "the late claim is not recorded");
+                return Err(Aborted {
+                    reason: ClaimRefusal::Internal,
+                    results: Some(results),
+                });
+            }
         }
         Ok((results, decided))
     }
