@@ -31,7 +31,9 @@
 //! the transaction's ticket, and each waits for durability as above. When one write of the
 //! batch fails, the transaction is dropped and each write runs again in its own, so that a
 //! write's failure never costs another write anything (hence `FnMut`: a write may run
-//! twice, and must compute everything from the transaction it is given).
+//! twice, and must compute everything from the transaction it is given). A write that
+//! refuses before writing anything says so ([`CombinedError::untouched`]): the others
+//! commit as if it had not joined, and a batch of such refusals commits nothing.
 
 use std::{
     any::Any,
@@ -101,10 +103,31 @@ impl<T, R, E> CombinedWrite<R, E> for T where
 {
 }
 
+/// The error of a combined write ([`GroupCommit::write_combined`]).
+pub trait CombinedError {
+    /// Whether the write returned this error before writing anything to its transaction:
+    /// then the writes combined with it commit as if it had not joined. The default,
+    /// `false`, drops the transaction and runs each write again alone.
+    fn untouched(&self) -> bool {
+        false
+    }
+}
+
+/// What a combined write did to its transaction.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Ran {
+    /// It succeeded; what it wrote is to commit.
+    Wrote,
+    /// It refused before writing anything.
+    Untouched,
+    /// It failed (or panicked) and may have written part: the transaction must not commit.
+    Failed,
+}
+
 /// One write of a combined transaction, its function and (once run) its result.
 trait Job: Send {
-    /// Runs the write in `txn`; whether it succeeded (if not, `txn` must not commit).
-    fn run(&mut self, txn: &WriteTransaction) -> bool;
+    /// Runs the write in `txn`.
+    fn run(&mut self, txn: &WriteTransaction) -> Ran;
     /// The job, to be downcast by the writer that queued it.
     fn into_any(self: Box<Self>) -> Box<dyn Any + Send>;
     /// Whether its writer waits for durability (a deferred write does not).
@@ -124,23 +147,27 @@ impl<F, R, E> Job for Typed<F, R, E>
 where
     F: CombinedWrite<R, E>,
     R: Send + 'static,
-    E: Send + 'static,
+    E: CombinedError + Send + 'static,
 {
-    fn run(&mut self, txn: &WriteTransaction) -> bool {
+    fn run(&mut self, txn: &WriteTransaction) -> Ran {
         if self.panic.is_some() {
-            return false;
+            return Ran::Failed;
         }
         let f = &mut self.f;
         match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| f(txn))) {
             Ok(out) => {
-                let ok = out.is_ok();
+                let ran = match &out {
+                    Ok(_) => Ran::Wrote,
+                    Err(e) if e.untouched() => Ran::Untouched,
+                    Err(_) => Ran::Failed,
+                };
                 self.out = Some(out);
-                ok
+                ran
             }
             Err(panic) => {
                 self.panic = Some(panic);
                 self.out = None;
-                false
+                Ran::Failed
             }
         }
     }
@@ -250,7 +277,7 @@ impl GroupCommit {
     where
         F: CombinedWrite<R, E>,
         R: Send + 'static,
-        E: Send + 'static,
+        E: CombinedError + Send + 'static,
     {
         self.progress().writers += 1;
         let _counted = Counted(self);
@@ -272,7 +299,7 @@ impl GroupCommit {
     where
         F: CombinedWrite<R, E>,
         R: Send + 'static,
-        E: Send + 'static,
+        E: CombinedError + Send + 'static,
     {
         self.progress().writers += 1;
         let _counted = Counted(self);
@@ -295,7 +322,7 @@ impl GroupCommit {
     where
         F: CombinedWrite<R, E>,
         R: Send + 'static,
-        E: Send + 'static,
+        E: CombinedError + Send + 'static,
     {
         let mut c = self.combining();
         let id = c.next_id;
@@ -403,8 +430,8 @@ impl GroupCommit {
     }
 
     /// Runs every job of `batch` in one transaction and commits it (durably when `alone`):
-    /// `Some(ticket)` (`Some(None)`: durable already), or `None` when a job failed (nothing
-    /// written).
+    /// `Some(ticket)` (`Some(None)`: durable already, or every job refused untouched and
+    /// nothing was committed), or `None` when a job failed (nothing written).
     fn commit_together(
         &self,
         db: &Database,
@@ -416,10 +443,17 @@ impl GroupCommit {
         if !alone {
             txn.set_durability(Durability::None)?;
         }
+        let mut wrote = false;
         for (_, job) in batch.iter_mut() {
-            if !job.run(&txn) {
-                return Ok(None);
+            match job.run(&txn) {
+                Ran::Wrote => wrote = true,
+                Ran::Untouched => {}
+                Ran::Failed => return Ok(None),
             }
+        }
+        if !wrote {
+            // Every write refused untouched: nothing to commit, nothing to wait for.
+            return Ok(Some(None));
         }
         txn.commit()?;
         if alone {
@@ -442,7 +476,7 @@ impl GroupCommit {
     ) -> Result<Option<u64>, GroupCommitError> {
         let mut txn = db.begin_write()?;
         txn.set_durability(Durability::None)?;
-        if !job.run(&txn) {
+        if job.run(&txn) != Ran::Wrote {
             return Ok(None);
         }
         txn.commit()?;
@@ -892,6 +926,74 @@ mod tests {
         let t = read.open_table(T).unwrap();
         let keys: Vec<u64> = (1..=5).filter(|k| t.get(k).unwrap().is_some()).collect();
         assert_eq!(keys, vec![1, 2, 5]);
+    }
+
+    /// A refusal made before writing anything.
+    #[derive(Debug)]
+    struct Refused;
+
+    impl CombinedError for Refused {
+        fn untouched(&self) -> bool {
+            true
+        }
+    }
+
+    impl CombinedError for redb::Error {}
+
+    #[test]
+    fn a_combined_write_refused_untouched_leaves_the_batch_to_commit() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("db.redb");
+        {
+            let db = Arc::new(Database::create(&path).unwrap());
+            let group = Arc::new(GroupCommit::default());
+            let runs = Arc::new(std::sync::atomic::AtomicU64::new(0));
+            let write = |k: u64, refuse: bool, runs: Arc<std::sync::atomic::AtomicU64>| {
+                Box::new(move |db: &Database, group: &GroupCommit| {
+                    group
+                        .write_combined(db, move |txn| {
+                            runs.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                            if refuse {
+                                return Err(Refused);
+                            }
+                            txn.open_table(T).unwrap().insert(k, k).unwrap();
+                            Ok(())
+                        })
+                        .unwrap()
+                }) as Writer<Result<(), Refused>>
+            };
+            let writes = vec![
+                write(1, false, runs.clone()),
+                write(2, true, runs.clone()),
+                write(3, false, runs.clone()),
+                write(4, true, runs.clone()),
+            ];
+            let threads = queue_behind(&db, &group, writes);
+            let got: Vec<_> = threads.into_iter().map(|t| t.join().unwrap()).collect();
+            assert!(got[0].is_ok() && got[2].is_ok());
+            assert!(got[1].is_err() && got[3].is_err());
+            // The first alone, then the three queued behind it together, each once: the
+            // refusals did not drop the batch's transaction (that would run each again).
+            assert_eq!(runs.load(std::sync::atomic::Ordering::SeqCst), 4);
+            // A batch of refusals only commits nothing.
+            let committed = group.progress().committed;
+            let writes = vec![
+                write(5, true, runs.clone()),
+                write(6, true, runs.clone()),
+                write(7, true, runs.clone()),
+            ];
+            let threads = queue_behind(&db, &group, writes);
+            assert!(threads.into_iter().all(|t| t.join().unwrap().is_err()));
+            assert_eq!(group.progress().committed, committed);
+            assert_eq!(runs.load(std::sync::atomic::Ordering::SeqCst), 7);
+            assert_eq!(group.progress().writers, 0);
+            assert!(!group.combining().running);
+        }
+        let db = Database::create(&path).unwrap();
+        let read = db.begin_read().unwrap();
+        let t = read.open_table(T).unwrap();
+        let keys: Vec<u64> = (1..=7).filter(|k| t.get(k).unwrap().is_some()).collect();
+        assert_eq!(keys, vec![1, 3]);
     }
 
     #[test]

@@ -20,7 +20,7 @@
 //! holds the tables every node has: [`META`] (schema version) and [`PEERS`].
 
 use crate::{
-    group_commit::{CombinedWrite, Deferred, GroupCommit, GroupCommitError, Ticket},
+    group_commit::{CombinedError, CombinedWrite, Deferred, GroupCommit, GroupCommitError, Ticket},
     journal::{self, JournalError, Journaled},
 };
 use std::{
@@ -259,7 +259,7 @@ impl State {
     where
         F: CombinedWrite<R, E>,
         R: Send + 'static,
-        E: Send + 'static,
+        E: CombinedError + Send + 'static,
     {
         self.group
             .write_combined(&self.db, f)
@@ -272,7 +272,7 @@ impl State {
     where
         F: CombinedWrite<R, E>,
         R: Send + 'static,
-        E: Send + 'static,
+        E: CombinedError + Send + 'static,
     {
         self.group
             .write_combined_deferred(&self.db, f)

@@ -55,6 +55,7 @@ use super::{
     policy::{Admitted, parse_task_request},
 };
 use crate::{
+    group_commit::CombinedError,
     market::{
         coordinator::{AcceptHook, HookFailed},
         now_ms,
@@ -547,6 +548,13 @@ enum LockError {
     Key(IdempotencyError),
     /// A concurrent request with the same key claimed it first.
     KeyTaken(Begin),
+}
+
+/// A key found taken was only read: the writes combined with this one commit without it.
+impl CombinedError for LockError {
+    fn untouched(&self) -> bool {
+        matches!(self, LockError::KeyTaken(_))
+    }
 }
 
 impl From<RailError> for LockError {

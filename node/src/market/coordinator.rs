@@ -45,6 +45,7 @@ use super::{
     validator::validator_key,
 };
 use crate::{
+    group_commit::CombinedError,
     net::{
         LookupOptions, NetHandle,
         codec::{VerdictRequest, VerdictResponse},
@@ -1596,7 +1597,9 @@ impl Coordinator {
                     .collect();
                 return (refused, None);
             }
-            Err(Aborted { reason, results }) => {
+            Err(Aborted {
+                reason, results, ..
+            }) => {
                 // Each claim keeps its own refusal; those that would have been accepted
                 // share the transaction's failure (nothing was written).
                 let results = results.unwrap_or(checked);
@@ -1657,9 +1660,13 @@ impl Coordinator {
             any |= result.is_ok();
         }
         if !any {
-            // Abort: nothing to write.
+            // Abort: nothing to write. Every claim was refused before its first write,
+            // unless one failed writing (`Internal`): then the transaction must not commit.
             return Err(Aborted {
                 reason: ClaimRefusal::Duplicate,
+                untouched: !results
+                    .iter()
+                    .any(|r| matches!(r, Err(ClaimRefusal::Internal))),
                 results: Some(results),
             });
         }
@@ -1680,6 +1687,7 @@ impl Coordinator {
                     return Err(Aborted {
                         reason: ClaimRefusal::Internal,
                         results: Some(results),
+                        untouched: false,
                     });
                 }
             }
@@ -1695,6 +1703,7 @@ impl Coordinator {
                 return Err(Aborted {
                     reason: ClaimRefusal::Internal,
                     results: Some(results),
+                    untouched: false,
                 });
             }
         }
@@ -1715,6 +1724,9 @@ type Applied = (
 struct Aborted {
     reason: ClaimRefusal,
     results: Option<Vec<Result<ClaimJudgement, ClaimRefusal>>>,
+    /// Every claim was refused before anything was written: the writes combined with this
+    /// one commit without it.
+    untouched: bool,
 }
 
 impl From<StateError> for Aborted {
@@ -1722,7 +1734,14 @@ impl From<StateError> for Aborted {
         Aborted {
             reason: e.into(),
             results: None,
+            untouched: false,
         }
+    }
+}
+
+impl CombinedError for Aborted {
+    fn untouched(&self) -> bool {
+        self.untouched
     }
 }
 

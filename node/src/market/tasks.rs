@@ -11,7 +11,7 @@ use redb::{ReadableTable, TableDefinition, WriteTransaction};
 use serde::{Deserialize, Serialize};
 
 use crate::{
-    group_commit::Ticket,
+    group_commit::{CombinedError, Ticket},
     state::{State, StateError, decode, encode},
 };
 
@@ -439,7 +439,7 @@ impl Tasks {
     where
         F: FnMut(&WriteTransaction, &mut TaskRecord) -> Result<R, E> + Send + 'static,
         R: Send + 'static,
-        E: From<StateError> + Send + 'static,
+        E: From<StateError> + CombinedError + Send + 'static,
     {
         self.state.write_combined(move |txn| {
             let mut t = txn.open_table(TASKS).map_err(StateError::from)?;
