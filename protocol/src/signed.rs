@@ -77,10 +77,26 @@ impl<T: Signable> Signed<T> {
     /// Checks the body's rules and the signature.
     pub fn verify(&self) -> Result<()> {
         self.body.validate()?;
-        let body_bytes = cbor::to_canonical(&self.body)?;
+        self.check_signature(&cbor::to_canonical(&self.body)?)
+    }
+
+    /// [`Signed::verify`] of the envelope decoded from `envelope`, which must be its
+    /// canonical encoding (as [`cbor::from_canonical`] checked it): the body's canonical
+    /// bytes are the part of it between `body` and `signer`, so the body is not encoded
+    /// again. Falls back to encoding it if `envelope` is not laid out so.
+    pub(crate) fn verify_encoded(&self, envelope: &[u8]) -> Result<()> {
+        self.body.validate()?;
+        match body_in_envelope(envelope) {
+            Some(body_bytes) => self.check_signature(body_bytes),
+            None => self.check_signature(&cbor::to_canonical(&self.body)?),
+        }
+    }
+
+    /// Verifies the signature over `body_bytes`, the body's canonical bytes.
+    fn check_signature(&self, body_bytes: &[u8]) -> Result<()> {
         let key = self.signer.verifying_key()?;
         let sig = ed25519_dalek::Signature::from_bytes(&self.signature.0);
-        key.verify_strict(&signing_input(T::DOMAIN, &body_bytes), &sig)
+        key.verify_strict(&signing_input(T::DOMAIN, body_bytes), &sig)
             .map_err(|_| ProtocolError::BadSignature { domain: T::DOMAIN })
     }
 
@@ -101,7 +117,7 @@ impl<T: Signable> Signed<T> {
     /// verifies the signature.
     pub fn from_bytes(bytes: &[u8]) -> Result<Self> {
         let signed: Self = cbor::from_canonical(bytes, Self::max_size(), T::KIND)?;
-        signed.verify()?;
+        signed.verify_encoded(bytes)?;
         Ok(signed)
     }
 
@@ -116,6 +132,28 @@ impl<T: Signable> Signed<T> {
     }
 }
 
+/// The body's bytes inside `envelope`, the canonical encoding of a [`Signed`]: a map whose
+/// keys sort `body`, `signer`, `signature`, the last two byte strings of 32 and 64 bytes.
+/// `None` if `envelope` is not laid out so.
+fn body_in_envelope(envelope: &[u8]) -> Option<&[u8]> {
+    // Map of 3; text "body".
+    const HEAD: &[u8] = &[0xa3, 0x64, b'b', b'o', b'd', b'y'];
+    // Text "signer"; byte string of 32.
+    const SIGNER: &[u8] = &[0x66, b's', b'i', b'g', b'n', b'e', b'r', 0x58, 32];
+    // Text "signature"; byte string of 64.
+    const SIGNATURE: &[u8] = &[
+        0x69, b's', b'i', b'g', b'n', b'a', b't', b'u', b'r', b'e', 0x58, 64,
+    ];
+    let tail = SIGNER.len() + 32 + SIGNATURE.len() + 64;
+    let body_end = envelope.len().checked_sub(tail)?;
+    if body_end <= HEAD.len() || !envelope.starts_with(HEAD) {
+        return None;
+    }
+    let rest = &envelope[body_end..];
+    (rest.starts_with(SIGNER) && rest[SIGNER.len() + 32..].starts_with(SIGNATURE))
+        .then(|| &envelope[HEAD.len()..body_end])
+}
+
 /// A signed envelope is a wire message: its cap is [`Signed::max_size`], and decoding also
 /// checks the body's rules and the signature.
 impl<T: Signable> WireMessage for Signed<T> {
@@ -128,5 +166,48 @@ impl<T: Signable> WireMessage for Signed<T> {
 
     fn from_bytes(bytes: &[u8]) -> Result<Self> {
         Signed::<T>::from_bytes(bytes)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use super::*;
+
+    #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+    struct Note {
+        v: u16,
+        text: String,
+        #[serde(with = "serde_bytes")]
+        data: Vec<u8>,
+    }
+
+    impl Signable for Note {
+        const DOMAIN: &'static str = "d402/test-note/1";
+        const KIND: &'static str = "note";
+        const MAX_BODY: usize = 4096;
+    }
+
+    #[test]
+    fn the_body_inside_an_envelope_is_its_canonical_encoding() {
+        let key = SigningKey::from_bytes(&[7; 32]);
+        for len in [0, 1, 23, 24, 300, 3000] {
+            let body = Note {
+                v: 1,
+                text: "x".repeat(len % 100),
+                data: vec![9; len],
+            };
+            let signed = Signed::sign(body.clone(), &key).unwrap();
+            let bytes = signed.to_bytes().unwrap();
+            assert_eq!(
+                body_in_envelope(&bytes),
+                Some(cbor::to_canonical(&body).unwrap().as_slice())
+            );
+            assert_eq!(Signed::<Note>::from_bytes(&bytes).unwrap(), signed);
+        }
+        // Not an envelope: no slice is taken.
+        assert_eq!(body_in_envelope(&[0xa3]), None);
+        assert_eq!(body_in_envelope(&[0u8; 300]), None);
     }
 }

@@ -320,6 +320,27 @@ fn lease_ack_with_forged_inline_claim_is_refused() {
 }
 
 #[test]
+fn lease_ack_with_inline_claim_resists_tampering() {
+    let claim = Signed::sign(claim(), &key(3)).unwrap();
+    let bytes = LeaseAck::Claimed(Box::new(claim.clone()))
+        .to_bytes()
+        .unwrap();
+    // `{"claimed": envelope}`: the decoder verifies the claim over the envelope's own bytes.
+    assert_eq!(&bytes[..9], b"\xa1\x67claimed");
+    assert_eq!(bytes[9..], claim.to_bytes().unwrap()[..]);
+    for i in 0..bytes.len() {
+        for bit in [0x01u8, 0x80] {
+            let mut t = bytes.clone();
+            t[i] ^= bit;
+            assert!(
+                LeaseAck::from_bytes(&t).is_err(),
+                "flipping bit {bit:#x} of byte {i} was accepted"
+            );
+        }
+    }
+}
+
+#[test]
 fn json_form_is_readable_and_round_trips() {
     let signed = Signed::sign(claim(), &key(1)).unwrap();
     let json = serde_json::to_string(&signed).unwrap();

@@ -72,6 +72,10 @@ pub enum LeaseAck {
     },
 }
 
+/// How the canonical encoding of [`LeaseAck::Claimed`] starts: a map of one entry whose key
+/// is the text `claimed`.
+const CLAIMED_PREFIX: &[u8] = &[0xa1, 0x67, b'c', b'l', b'a', b'i', b'm', b'e', b'd'];
+
 impl WireMessage for LeaseAck {
     const KIND: &'static str = "lease ack";
     const MAX_SIZE: usize = Signed::<Claim>::max_size() + 64;
@@ -82,7 +86,11 @@ impl WireMessage for LeaseAck {
         let ack: Self = crate::cbor::from_canonical(bytes, Self::MAX_SIZE, Self::KIND)?;
         match &ack {
             LeaseAck::Refused { reason } => check_len("reason", reason, MAX_REASON)?,
-            LeaseAck::Claimed(claim) => claim.verify()?,
+            // Canonical `{"claimed": envelope}`: the envelope is the rest of the bytes.
+            LeaseAck::Claimed(claim) => match bytes.strip_prefix(CLAIMED_PREFIX) {
+                Some(envelope) => claim.verify_encoded(envelope)?,
+                None => claim.verify()?,
+            },
             LeaseAck::Accepted => {}
         }
         Ok(ack)

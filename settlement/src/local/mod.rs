@@ -108,6 +108,8 @@ pub struct LocalRail {
     db: Arc<Database>,
     operator: SigningKey,
     operator_key: PublicKey,
+    /// `operator_key` in base58, encoded once (every challenge and capture names it).
+    operator_address: String,
     config: LocalRailConfig,
 }
 
@@ -343,6 +345,7 @@ impl LocalRail {
         Ok(LocalRail {
             db,
             operator,
+            operator_address: operator_key.to_string(),
             operator_key,
             config,
         })
@@ -355,7 +358,7 @@ impl LocalRail {
 
     /// The gateway's account (`payTo`), base58.
     pub fn address(&self) -> String {
-        self.operator_key.to_string()
+        self.operator_address.clone()
     }
 
     /// The configuration.
