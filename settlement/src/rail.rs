@@ -509,6 +509,11 @@ pub enum RailError {
     /// The database failed.
     #[error("settlement database error: {0}")]
     Storage(Box<redb::Error>),
+    /// A write of an operation inside a caller's transaction failed after the operation's
+    /// first write: the transaction holds part of it and must not commit. (Every other
+    /// error of the `_in` operations is returned before their first write.)
+    #[error("settlement write failed halfway: {0}")]
+    PartlyWritten(Box<RailError>),
     /// A stored row does not decode.
     #[error("damaged settlement row in {table}: {reason}")]
     Corrupt {
@@ -591,6 +596,7 @@ impl RailError {
             RailError::Config(_) => "rail_config",
             RailError::Protocol(_) => "protocol_error",
             RailError::Storage(_) => "storage_error",
+            RailError::PartlyWritten(_) => "storage_error",
             RailError::Corrupt { .. } => "storage_corrupt",
         }
     }

@@ -139,6 +139,10 @@ pub enum IdempotencyError {
     /// The database failed.
     #[error(transparent)]
     State(#[from] StateError),
+    /// [`Idempotency::finish_in`]'s one write failed: its transaction must not commit.
+    /// (Its other errors come before it and leave the transaction untouched.)
+    #[error("storing the answer failed: {0}")]
+    WriteFailed(StateError),
 }
 
 impl From<IdempotencyError> for ApiError {
@@ -427,7 +431,7 @@ impl Idempotency {
             return Err(IdempotencyError::TooLarge(bytes.len()));
         }
         t.insert(key.as_bytes(), bytes.as_slice())
-            .map_err(StateError::from)?;
+            .map_err(|e| IdempotencyError::WriteFailed(e.into()))?;
         Ok(response.clone())
     }
 

@@ -958,8 +958,8 @@ pub fn capture_on_acceptance(rail: Arc<LocalRail>, idempotency: Idempotency) -> 
                 debug!(task = %id, error = %e, "task settled already; the late claim is recorded only");
                 return Ok(());
             }
-            // A write of the capture failed: part of it may be in the transaction.
-            Err(e @ RailError::Storage(_)) => return Err(HookFailed(e.to_string())),
+            // A write of the capture failed: part of it is in the transaction.
+            Err(e @ RailError::PartlyWritten(_)) => return Err(HookFailed(e.to_string())),
             // Refused before its first write: the transaction is untouched.
             Err(e) => {
                 warn!(task = %id, error = %e, "capture with the acceptance refused; settling after the run");
@@ -972,8 +972,10 @@ pub fn capture_on_acceptance(rail: Arc<LocalRail>, idempotency: Idempotency) -> 
             let not_stored = match answer(&rail, &paid, Some(rec), &Settlement::Captured(receipt)) {
                 Ok(a) => match idempotency.finish_in(txn, k, &a) {
                     Ok(_) => None,
-                    // The capture is written: a failed write must not commit without it.
-                    Err(e @ IdempotencyError::State(_)) => return Err(HookFailed(e.to_string())),
+                    // Its write failed (the capture is written): nothing of it may commit.
+                    Err(e @ IdempotencyError::WriteFailed(_)) => {
+                        return Err(HookFailed(e.to_string()));
+                    }
                     Err(e) => Some(e.to_string()),
                 },
                 Err(e) => Some(e.to_string()),

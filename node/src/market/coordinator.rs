@@ -215,8 +215,10 @@ impl Wakers {
 /// last claim) and payment commit together. A refusal it can settle later must leave the
 /// transaction untouched and return `Ok` (the rail's `_in` forms check before they write);
 /// an error returned means the transaction may be partly written, and nothing of it
-/// commits: the claims it would have recorded are refused ([`ClaimRefusal::Internal`]) and
-/// the task stays undecided.
+/// commits: the task stays undecided. When claims were deciding it, they are refused
+/// ([`ClaimRefusal::Internal`]); when the driver was (validators' verdicts, a pinned
+/// snapshot, a resumed task), the run ends with [`CoordinatorError::Hook`] and the task's
+/// record is left as it was before the decision (the gateway then refunds it).
 pub type AcceptHook =
     Arc<dyn Fn(&redb::WriteTransaction, &TaskRecord) -> Result<(), HookFailed> + Send + Sync>;
 
@@ -1658,6 +1660,19 @@ impl Coordinator {
             }
             *result = self.apply_claim(txn, r, claim, now);
             any |= result.is_ok();
+        }
+        if any
+            && results
+                .iter()
+                .any(|r| matches!(r, Err(ClaimRefusal::Internal)))
+        {
+            // A claim's write failed (its reputation row) after others' were applied: the
+            // transaction may hold part of it and must not commit.
+            return Err(Aborted {
+                reason: ClaimRefusal::Internal,
+                results: Some(results),
+                untouched: false,
+            });
         }
         if !any {
             // Abort: nothing to write. Every claim was refused before its first write,

@@ -605,6 +605,7 @@ impl LocalRail {
     /// creator its commission, the gateway the rest; returns the receipt signed by the
     /// operator key. A retry with the same plan returns the stored receipt; another plan
     /// is [`RailError::PlanConflict`]; a refunded task is [`RailError::AlreadyRefunded`].
+    /// Every error but [`RailError::PartlyWritten`] leaves `txn` untouched.
     pub fn capture_in(
         &self,
         txn: &WriteTransaction,
@@ -648,19 +649,23 @@ impl LocalRail {
             .collect::<Option<Vec<_>>>()
             .ok_or(RailError::Overflow("journal"))?;
         let receipt = self.sign_receipt(&rec, transfers.clone(), tx_refs, now)?;
-        for (tr, (to, units)) in transfers.iter().zip(&payees) {
-            t.credit(to, *units)?;
-            let mut e = entry(now, Account::Escrow(task_id), Account::Wallet(*to), *units);
-            e.task_id = Some(task_id);
-            e.role = Some(tr.role);
-            e.claim_cid = tr.claim_cid;
-            e.registration_cid = tr.registration_cid;
-            t.append(e)?;
-        }
         rec.state = EscrowState::Captured;
         rec.plan_cid = Some(plan_cid);
         rec.receipt = Some(receipt.clone());
-        t.put_escrow(&rec)?;
+        // From the first write on, a failure leaves part of the capture in `txn`.
+        let mut write = || -> Result<(), RailError> {
+            for (tr, (to, units)) in transfers.iter().zip(&payees) {
+                t.credit(to, *units)?;
+                let mut e = entry(now, Account::Escrow(task_id), Account::Wallet(*to), *units);
+                e.task_id = Some(task_id);
+                e.role = Some(tr.role);
+                e.claim_cid = tr.claim_cid;
+                e.registration_cid = tr.registration_cid;
+                t.append(e)?;
+            }
+            t.put_escrow(&rec)
+        };
+        write().map_err(|e| RailError::PartlyWritten(Box::new(e)))?;
         info!(
             %task_id,
             units = rec.units,
