@@ -268,7 +268,9 @@ impl GroupCommit {
     /// transaction (see the module doc). `f` may run more than once (once in a combined
     /// transaction that another write's failure dropped, once more alone); each run must
     /// compute its result from the transaction it is given. Returns once what it wrote is
-    /// durable; when `f` fails, nothing of it is written and its error is the inner result.
+    /// durable; when `f` fails, nothing of it is written and its error is the inner result
+    /// (a refusal untouched by `f`, [`CombinedError::untouched`], returns once the commits
+    /// it may have read are durable).
     pub fn write_combined<R, E, F>(
         &self,
         db: &Database,
@@ -282,8 +284,15 @@ impl GroupCommit {
         self.progress().writers += 1;
         let _counted = Counted(self);
         let (out, ticket) = self.combine(db, f, true)?;
-        if let (Ok(_), Some(ticket)) = (&out, ticket) {
-            self.wait_durable(db, ticket)?;
+        match (&out, ticket) {
+            (Ok(_), Some(ticket)) => self.wait_durable(db, ticket)?,
+            // A refusal read what was committed before it (a claim found recorded): that
+            // is on disk before the refusal is answered.
+            (Err(e), _) if e.untouched() => {
+                let seen = self.progress().committed;
+                self.wait_durable(db, seen)?;
+            }
+            _ => {}
         }
         Ok(out)
     }
@@ -660,7 +669,7 @@ mod tests {
 
     use std::sync::Arc;
 
-    use redb::{ReadableDatabase, ReadableTableMetadata, TableDefinition};
+    use redb::{ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition};
 
     use super::*;
 
@@ -994,6 +1003,36 @@ mod tests {
         let t = read.open_table(T).unwrap();
         let keys: Vec<u64> = (1..=7).filter(|k| t.get(k).unwrap().is_some()).collect();
         assert_eq!(keys, vec![1, 3]);
+    }
+
+    #[test]
+    fn a_refusal_returns_once_what_it_read_is_durable() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = Database::create(dir.path().join("db.redb")).unwrap();
+        let group = GroupCommit::default();
+        let (_, _ticket) = group
+            .write_deferred(&db, |txn| {
+                txn.open_table(T)?.insert(1, 1)?;
+                Ok::<_, redb::Error>(())
+            })
+            .unwrap()
+            .unwrap();
+        {
+            let p = group.progress();
+            assert!(p.durable < p.committed, "{} >= {}", p.durable, p.committed);
+        }
+        // Refused after reading the row the deferred write committed (not yet on disk).
+        let refused = group
+            .write_combined(&db, |txn| {
+                match txn.open_table(T).unwrap().get(1).unwrap() {
+                    Some(_) => Err(Refused),
+                    None => Ok(()),
+                }
+            })
+            .unwrap();
+        assert!(refused.is_err());
+        let p = group.progress();
+        assert!(p.durable >= p.committed, "{} < {}", p.durable, p.committed);
     }
 
     #[test]
