@@ -882,14 +882,35 @@ mod tests {
         assert_eq!(reopened(&path, 5), (6, true));
     }
 
+    /// A database at `path` with its group commit and a counter of the writes' runs.
+    fn combined_fixture(
+        path: &std::path::Path,
+    ) -> (
+        Arc<Database>,
+        Arc<GroupCommit>,
+        Arc<std::sync::atomic::AtomicU64>,
+    ) {
+        (
+            Arc::new(Database::create(path).unwrap()),
+            Arc::new(GroupCommit::default()),
+            Arc::new(std::sync::atomic::AtomicU64::new(0)),
+        )
+    }
+
+    /// Which of `keys` are in `T` in the database at `path`, reopened.
+    fn keys_present(path: &std::path::Path, keys: std::ops::RangeInclusive<u64>) -> Vec<u64> {
+        let db = Database::create(path).unwrap();
+        let read = db.begin_read().unwrap();
+        let t = read.open_table(T).unwrap();
+        keys.filter(|k| t.get(k).unwrap().is_some()).collect()
+    }
+
     #[test]
     fn a_combined_write_that_fails_or_panics_costs_the_others_nothing() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("db.redb");
         {
-            let db = Arc::new(Database::create(&path).unwrap());
-            let group = Arc::new(GroupCommit::default());
-            let runs = Arc::new(std::sync::atomic::AtomicU64::new(0));
+            let (db, group, runs) = combined_fixture(&path);
             let write = |k: u64,
                          how: &'static str,
                          runs: Arc<std::sync::atomic::AtomicU64>|
@@ -930,11 +951,7 @@ mod tests {
             assert_eq!(group.progress().writers, 0);
             assert!(!group.combining().running);
         }
-        let db = Database::create(&path).unwrap();
-        let read = db.begin_read().unwrap();
-        let t = read.open_table(T).unwrap();
-        let keys: Vec<u64> = (1..=5).filter(|k| t.get(k).unwrap().is_some()).collect();
-        assert_eq!(keys, vec![1, 2, 5]);
+        assert_eq!(keys_present(&path, 1..=5), vec![1, 2, 5]);
     }
 
     /// A refusal made before writing anything.
@@ -954,9 +971,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("db.redb");
         {
-            let db = Arc::new(Database::create(&path).unwrap());
-            let group = Arc::new(GroupCommit::default());
-            let runs = Arc::new(std::sync::atomic::AtomicU64::new(0));
+            let (db, group, runs) = combined_fixture(&path);
             let write = |k: u64, refuse: bool, runs: Arc<std::sync::atomic::AtomicU64>| {
                 Box::new(move |db: &Database, group: &GroupCommit| {
                     group
@@ -998,11 +1013,7 @@ mod tests {
             assert_eq!(group.progress().writers, 0);
             assert!(!group.combining().running);
         }
-        let db = Database::create(&path).unwrap();
-        let read = db.begin_read().unwrap();
-        let t = read.open_table(T).unwrap();
-        let keys: Vec<u64> = (1..=7).filter(|k| t.get(k).unwrap().is_some()).collect();
-        assert_eq!(keys, vec![1, 3]);
+        assert_eq!(keys_present(&path, 1..=7), vec![1, 3]);
     }
 
     #[test]
