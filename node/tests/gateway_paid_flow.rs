@@ -93,11 +93,15 @@ async fn paid_task_splits_to_the_unit_replay_refused_no_workers_refunded() {
     let mut worker_wallets = Vec::new();
     for d in &worker_dirs {
         let w = wallet::address(&wallet::generate().unwrap());
-        let cfg = WorkerConfig::new(
+        let mut cfg = WorkerConfig::new(
             vec![offer.clone()],
             vec![RailKind::Local],
             [(Chain::Local, w.clone())].into_iter().collect(),
         );
+        // A slot for every lease of step 3b's tasks at once: with the default four, leases
+        // that land together are refused `no_capacity`, and a task left with fewer than a
+        // quorum of workers is refunded (what that step checks is the money, not capacity).
+        cfg.max_concurrent = CONCURRENT;
         let node = start_worker(d.path(), cfg).await;
         gw.net.connect(node.addr.clone()).await.unwrap();
         workers.push(node);
