@@ -1661,28 +1661,21 @@ impl Coordinator {
             *result = self.apply_claim(txn, r, claim, now);
             any |= result.is_ok();
         }
-        if any
-            && results
-                .iter()
-                .any(|r| matches!(r, Err(ClaimRefusal::Internal)))
-        {
-            // A claim's write failed (its reputation row) after others' were applied: the
+        let write_failed = results
+            .iter()
+            .any(|r| matches!(r, Err(ClaimRefusal::Internal)));
+        if write_failed || !any {
+            // Nothing to write: every claim was refused before its first write (the
+            // transaction is untouched). Or a claim's write failed (its reputation row): the
             // transaction may hold part of it and must not commit.
             return Err(Aborted {
-                reason: ClaimRefusal::Internal,
+                reason: if write_failed {
+                    ClaimRefusal::Internal
+                } else {
+                    ClaimRefusal::Duplicate
+                },
                 results: Some(results),
-                untouched: false,
-            });
-        }
-        if !any {
-            // Abort: nothing to write. Every claim was refused before its first write,
-            // unless one failed writing (`Internal`): then the transaction must not commit.
-            return Err(Aborted {
-                reason: ClaimRefusal::Duplicate,
-                untouched: !results
-                    .iter()
-                    .any(|r| matches!(r, Err(ClaimRefusal::Internal))),
-                results: Some(results),
+                untouched: !write_failed,
             });
         }
         // The claim that completes the quorum decides the task in the same commit, unless a
