@@ -98,10 +98,9 @@ async fn paid_task_splits_to_the_unit_replay_refused_no_workers_refunded() {
             vec![RailKind::Local],
             [(Chain::Local, w.clone())].into_iter().collect(),
         );
-        // A slot for every lease of step 3b's tasks at once: with the default four, leases
-        // that land together are refused `no_capacity`, and a task left with fewer than a
-        // quorum of workers is refunded (what that step checks is the money, not capacity).
-        cfg.max_concurrent = CONCURRENT;
+        // Fewer slots than step 3b's leases at once: leases that land together are refused
+        // `no_capacity`, and their tasks wait for a slot (backing off) rather than fail.
+        cfg.max_concurrent = 2;
         let node = start_worker(d.path(), cfg).await;
         gw.net.connect(node.addr.clone()).await.unwrap();
         workers.push(node);
@@ -290,6 +289,17 @@ async fn paid_task_splits_to_the_unit_replay_refused_no_workers_refunded() {
         assert_eq!(now, want, "account {a}");
     }
     assert!(rail.audit().unwrap().is_balanced());
+    // Two slots per worker for twelve tasks' leases: some waited for a slot, and it shows.
+    let (status, _, body) = http(addr, "GET", "/metrics", &[], None).await;
+    assert_eq!(status, 200);
+    let text = String::from_utf8(body).unwrap();
+    let waited: u64 = text
+        .lines()
+        .find_map(|l| l.strip_prefix("d402_gateway_busy_backoffs_total{kind=\"lease\"} "))
+        .expect("the busy backoffs counter")
+        .parse()
+        .unwrap();
+    assert!(waited > 0, "{text}");
 
     // 4. No workers left: 503 no_workers, the payment refunded.
     for w in workers {

@@ -294,6 +294,81 @@ async fn a_busy_worker_keeps_its_standing_bid() {
     gw.stop().await;
 }
 
+/// Workers whose every slot is taken make a task wait, not fail: leases refused
+/// `no_capacity` are sent again after a backoff (on standing bids), and bid requests
+/// declined for want of a slot are asked again (without them), until the slots free up.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_task_waits_out_busy_workers_on_standing_bids() {
+    saturated_workers_then_a_task(true).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_task_waits_out_busy_workers_in_bid_rounds() {
+    saturated_workers_then_a_task(false).await;
+}
+
+/// Three one-slot workers busy for `HOLD` with a first task, then a second task: it must
+/// be accepted by the same three once they are free.
+async fn saturated_workers_then_a_task(standing: bool) {
+    const HOLD: Duration = Duration::from_millis(800);
+    let dirs: Vec<_> = (0..4).map(|_| tempfile::tempdir().unwrap()).collect();
+    let offer = echo_offer(10);
+    let mut workers = Vec::new();
+    for (i, d) in dirs[1..].iter().enumerate() {
+        let mut cfg = worker_cfg(&offer, i);
+        cfg.max_concurrent = 1;
+        cfg.inline_claim_window = Duration::ZERO;
+        cfg.faults.claim_delay = HOLD;
+        workers.push(start_worker(d.path(), cfg).await);
+    }
+    let mut cfg = coordinator_config();
+    if !standing {
+        cfg.standing_bids = 1;
+    }
+    let gw = start_gateway(dirs[0].path(), seed(), 0, cfg, Default::default()).await;
+    for w in &workers {
+        gw.net.connect(w.addr.clone()).await.unwrap();
+    }
+    let coord = gw.coordinator.clone().unwrap();
+    let first = tokio::spawn({
+        let coord = coord.clone();
+        let spec = task(&offer, br#"{"n":1}"#, 3, 2);
+        async move { accepted(&coord, spec).await }
+    });
+    eventually("every slot taken", || {
+        let ws: Vec<_> = workers.iter().map(|w| w.worker.clone().unwrap()).collect();
+        async move { ws.iter().all(|w| w.leases_accepted() == 1).then_some(()) }
+    })
+    .await;
+    assert_eq!(coord.standing_bids(), if standing { 3 } else { 0 });
+    let started = std::time::Instant::now();
+    let second = accepted(&coord, task(&offer, br#"{"n":2}"#, 3, 2)).await;
+    assert!(started.elapsed() >= HOLD / 2, "{:?}", started.elapsed());
+    assert_eq!(second.standing, standing);
+    if standing {
+        // Each worker refused at least once, and one of its leases was accepted later.
+        assert!(second.bids.iter().all(|b| b.busy >= 1), "{:?}", second.bids);
+        let refused = second
+            .leases
+            .iter()
+            .filter(|l| l.status == LeaseStatus::Refused)
+            .count();
+        assert!(refused >= 3, "{:?}", second.leases);
+    } else {
+        assert!(
+            second
+                .leases
+                .iter()
+                .all(|l| l.status != LeaseStatus::Refused)
+        );
+    }
+    first.await.unwrap();
+    for w in workers {
+        w.stop().await;
+    }
+    gw.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_late_claim_closing_the_last_lease_settles_in_its_own_commit() {
     // Two fast workers decide the task; the third claims well after the decision. The

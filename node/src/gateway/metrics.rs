@@ -15,6 +15,7 @@
 //! | `d402_gateway_task_duration_seconds` | histogram | (paid tasks, payment to answer) |
 //! | `d402_gateway_settled_units_total` | counter | `role`: `worker`, `creator`, `gateway`, `refund` |
 //! | `d402_gateway_uptime_seconds` | gauge | |
+//! | `d402_gateway_busy_backoffs_total` | counter | `kind`: `lease` (refused `no_capacity`), `bid_round` (declined for want of a slot) |
 
 use std::{
     collections::BTreeMap,
@@ -34,6 +35,8 @@ use axum::{
 };
 
 use d402_protocol::messages::{PayeeRole, SettlementReceipt};
+
+use crate::market::busy::Backoffs;
 
 /// `Content-Type` of the exposition.
 pub const CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
@@ -117,6 +120,7 @@ pub struct Metrics {
     tasks: [AtomicU64; 3],
     latency: Histogram,
     settled_units: [AtomicU64; 4],
+    backoffs: Arc<Backoffs>,
 }
 
 impl Default for Metrics {
@@ -144,6 +148,13 @@ const MAX_REQUEST_SERIES: usize = 256;
 impl Metrics {
     /// All zero.
     pub fn new() -> Self {
+        Self::with_backoffs(Arc::default())
+    }
+
+    /// Metrics that also show `backoffs` (the coordinator's, [`Coordinator::backoffs`]).
+    ///
+    /// [`Coordinator::backoffs`]: crate::market::coordinator::Coordinator::backoffs
+    pub fn with_backoffs(backoffs: Arc<Backoffs>) -> Self {
         Metrics {
             started: Instant::now(),
             requests: Mutex::new(BTreeMap::new()),
@@ -153,6 +164,7 @@ impl Metrics {
             tasks: std::array::from_fn(|_| AtomicU64::new(0)),
             latency: Histogram::new(),
             settled_units: std::array::from_fn(|_| AtomicU64::new(0)),
+            backoffs,
         }
     }
 
@@ -348,6 +360,22 @@ impl Metrics {
                 self.settled_units[i].load(Ordering::Relaxed)
             )?;
         }
+        let busy = self.backoffs.counts();
+        writeln!(
+            out,
+            "# HELP d402_gateway_busy_backoffs_total Waits for busy workers: leases refused for want of a free slot, bid rounds declined for it."
+        )?;
+        writeln!(out, "# TYPE d402_gateway_busy_backoffs_total counter")?;
+        writeln!(
+            out,
+            "d402_gateway_busy_backoffs_total{{kind=\"lease\"}} {}",
+            busy.leases
+        )?;
+        writeln!(
+            out,
+            "d402_gateway_busy_backoffs_total{{kind=\"bid_round\"}} {}",
+            busy.bid_rounds
+        )?;
         writeln!(
             out,
             "# HELP d402_gateway_uptime_seconds Seconds since the gateway started."
@@ -398,7 +426,10 @@ mod tests {
 
     #[test]
     fn renders_counters_histogram_and_units() {
-        let m = Metrics::new();
+        let backoffs = Arc::new(Backoffs::default());
+        let m = Metrics::with_backoffs(backoffs.clone());
+        backoffs.lease(3);
+        backoffs.bid_round();
         m.observe_request("/v1/tasks", 402);
         m.observe_request("/v1/tasks", 402);
         m.observe_request("/v1/tasks", 200);
@@ -495,6 +526,11 @@ mod tests {
         assert_eq!(
             v("d402_gateway_settled_units_total{role=\"gateway\"}"),
             "7000"
+        );
+        assert_eq!(v("d402_gateway_busy_backoffs_total{kind=\"lease\"}"), "3");
+        assert_eq!(
+            v("d402_gateway_busy_backoffs_total{kind=\"bid_round\"}"),
+            "1"
         );
         // Every sample line belongs to a declared family.
         for line in t.lines().filter(|l| !l.starts_with('#')) {

@@ -248,6 +248,7 @@ impl Gateway {
                     idempotency.clone(),
                 ));
         }
+        let metrics = Arc::new(Metrics::with_backoffs(parts.coordinator.backoffs()));
         let app = Arc::new(AppState {
             config,
             idempotency,
@@ -256,7 +257,7 @@ impl Gateway {
             net: parts.net,
             state: parts.state,
             policy: Arc::new(parts.policy),
-            metrics: Arc::new(Metrics::new()),
+            metrics,
             started: Instant::now(),
             ready: health::ReadyCache::new(),
         });

@@ -23,7 +23,10 @@ use std::{
 
 use d402_protocol::{
     Cid, Signed, SigningKey, TaskId,
-    messages::{Bid, BidResponse, Claim, ClaimAck, Lease, LeaseAck, MAX_BID_USES, VerdictOutcome},
+    messages::{
+        Bid, BidResponse, Claim, ClaimAck, DeclineReason, Lease, LeaseAck, MAX_BID_USES,
+        VerdictOutcome,
+    },
     types::MESSAGE_VERSION,
 };
 use futures::{StreamExt, future::join_all, stream::FuturesUnordered};
@@ -33,7 +36,7 @@ use tracing::{Instrument, debug, info, info_span, warn};
 
 use super::{
     blobs::{self, BlobStore},
-    now_ms,
+    busy, now_ms,
     quorum::{self, Decision, Vote},
     reputation::{Outcome, Reputation},
     selection::{self, Candidate},
@@ -184,6 +187,8 @@ struct Inner {
     providers: Mutex<HashMap<Cid, (Instant, Vec<Provider>)>>,
     /// Standing bids received, to lease new tasks on without a bid round.
     standing: StandingBids,
+    /// Backoffs from busy workers (shared with the gateway's metrics).
+    backoffs: Arc<busy::Backoffs>,
 }
 
 /// The wake-ups of tasks being waited for. An entry is dropped when its task's driver
@@ -302,6 +307,7 @@ impl Coordinator {
                 wake: Mutex::default(),
                 providers: Mutex::default(),
                 standing: StandingBids::default(),
+                backoffs: Arc::default(),
             }),
         }
     }
@@ -325,6 +331,11 @@ impl Coordinator {
     /// How many standing bids this coordinator holds (see [`super::standing`]).
     pub fn standing_bids(&self) -> usize {
         self.inner.standing.len()
+    }
+
+    /// How often this coordinator backed off from busy workers (see [`super::busy`]).
+    pub fn backoffs(&self) -> Arc<busy::Backoffs> {
+        self.inner.backoffs.clone()
     }
 
     fn notify(&self, id: &TaskId) -> Arc<Notify> {
@@ -491,6 +502,8 @@ impl Coordinator {
         // a read of the record and the next wait) is never swept.
         let _wake = self.notify(&id);
         let done = async {
+            // Bid rounds in a row that too many busy workers declined.
+            let mut busy_rounds = 0;
             loop {
                 let rec = self
                     .inner
@@ -498,7 +511,7 @@ impl Coordinator {
                     .get(&id)?
                     .ok_or(CoordinatorError::NotFound(id))?;
                 match rec.phase {
-                    Phase::Bidding => self.bid_round(&rec).await?,
+                    Phase::Bidding => self.bid_round(&rec, &mut busy_rounds).await?,
                     Phase::Leasing => {
                         self.restore_pinned(&rec)?;
                         if let Some(done) = self.lease_step(&rec).await? {
@@ -684,6 +697,8 @@ impl Coordinator {
                     bid_cid: *bid_cid,
                     used: false,
                     reserved,
+                    busy: 0,
+                    retry_at: 0,
                 }
             })
             .collect();
@@ -722,7 +737,15 @@ impl Coordinator {
         self.send_leases(&id, &first).await.map(|_| ())
     }
 
-    async fn bid_round(&self, rec: &TaskRecord) -> Result<(), CoordinatorError> {
+    /// One bid round: ranks the bids and commits them with the first leases. A round that
+    /// leaves fewer bids than the quorum because workers declined for want of a free slot
+    /// commits nothing: it waits a backoff (counted in `busy_rounds`) and the driver asks
+    /// again, within the task's deadline.
+    async fn bid_round(
+        &self,
+        rec: &TaskRecord,
+        busy_rounds: &mut u32,
+    ) -> Result<(), CoordinatorError> {
         let spec = &rec.spec;
         let inner = &self.inner;
         let fanout = spec.fanout.max(1) as usize;
@@ -753,6 +776,7 @@ impl Coordinator {
         let now = now_ms();
         let mut valid = Vec::new();
         let mut passed = Vec::new();
+        let mut full = 0;
         for (peer, answer) in answers {
             match answer {
                 Ok(BidResponse::Bid(bid)) => {
@@ -782,6 +806,7 @@ impl Coordinator {
                 }
                 Ok(BidResponse::Declined(reason)) => {
                     info!(%peer, ?reason, "bid request declined");
+                    full += usize::from(reason == DeclineReason::NoCapacity);
                     if let Ok(k) = public_key_of(&peer)
                         && let Err(e) = inner.reputation.record(&k.0, Outcome::Declined, now)
                     {
@@ -791,6 +816,22 @@ impl Coordinator {
                 Err(e) => debug!(%peer, error = %e, "no bid"),
             }
         }
+        if full > 0 && valid.len() < spec.quorum.max(1) as usize {
+            *busy_rounds += 1;
+            let wait = busy::backoff(*busy_rounds);
+            if now.saturating_add(wait.as_millis() as u64) < spec.deadline {
+                info!(
+                    busy = full,
+                    bids = valid.len(),
+                    ?wait,
+                    "workers busy; asking again later"
+                );
+                inner.backoffs.bid_round();
+                tokio::time::sleep(wait).await;
+                return Ok(());
+            }
+        }
+        *busy_rounds = 0;
         let sel = self.rank(valid.iter().map(|(_, b)| b), fanout, max_each, now)?;
         for (c, why) in &sel.passed {
             let reason = why.describe();
@@ -823,6 +864,8 @@ impl Coordinator {
                 bid: bid.clone(),
                 used: false,
                 reserved,
+                busy: 0,
+                retry_at: 0,
             });
         }
         info!(bids = bids.len(), chosen, "bids ranked");
@@ -956,6 +999,19 @@ impl Coordinator {
             // this gateway was down) are asked for again rather than given up on; the
             // task's deadline bounds the rounds.
             let now = now_ms();
+            // Every bid left is a busy worker's: lease it again once its backoff is over.
+            if sent == 0
+                && open == 0
+                && let Some(at) = busy::next_retry(rec, now)
+            {
+                debug!(
+                    in_ms = at.saturating_sub(now),
+                    "workers busy; leasing again later"
+                );
+                let wait = Duration::from_millis(at.saturating_sub(now).max(1));
+                let _ = tokio::time::timeout(wait, notified).await;
+                return Ok(None);
+            }
             if sent == 0
                 && open == 0
                 && now < rec.spec.deadline
@@ -991,12 +1047,17 @@ impl Coordinator {
             }
         }
 
-        // 5. Wait for a claim, the next lease deadline or the task deadline.
+        // 5. Wait for a claim, the next lease deadline, the end of a busy worker's backoff
+        // (when a lease is still wanted) or the task deadline.
+        let retry = (want > 0)
+            .then(|| busy::next_retry(rec, now_ms()))
+            .flatten();
         let next = rec
             .leases
             .iter()
             .filter(|l| l.is_open())
             .map(|l| l.lease.body.deadline)
+            .chain(retry)
             .chain([rec.spec.deadline])
             .min()
             .unwrap_or(rec.spec.deadline);
@@ -1083,7 +1144,11 @@ impl Coordinator {
                 break;
             }
             let b = &r.bids[i];
-            if b.used || busy.contains(&b.bid.signer.0) || b.bid.body.expires_at <= now {
+            if b.used
+                || busy.contains(&b.bid.signer.0)
+                || b.bid.body.expires_at <= now
+                || b.retry_at > now
+            {
                 continue;
             }
             let lease = Signed::sign(
@@ -1102,7 +1167,8 @@ impl Coordinator {
                 &self.inner.key,
             )?;
             r.next_token += 1;
-            if b.bid.body.uses > 1 && !b.reserved {
+            let reserve = b.bid.body.uses > 1 && !b.reserved;
+            if reserve {
                 // A replacement on a standing bid: its use is taken now (if the book has
                 // none left, the worker refuses the lease and the next bid is tried).
                 self.inner.standing.reserve(&[b.bid_cid]);
@@ -1114,6 +1180,8 @@ impl Coordinator {
                 status: LeaseStatus::Sent,
             };
             r.bids[i].used = true;
+            // Once: a lease refused for want of a free slot is sent again on this use.
+            r.bids[i].reserved |= reserve;
             out.push(rec.clone());
             r.leases.push(rec);
         }
@@ -1189,13 +1257,13 @@ impl Coordinator {
             results.extend(ready.into_iter().map(|(l, ack)| (l.lease_cid, ack)));
         }
         let mut accepted = 0;
-        let statuses: Vec<(Cid, LeaseStatus)> = results
+        let statuses: Vec<(Cid, LeaseStatus, bool)> = results
             .into_iter()
             .map(|(cid, ack)| {
                 // A worker that refused for want of a free slot still holds its bid (it is
                 // busy, not gone); any other refusal or a failed delivery drops it.
-                let busy = matches!(&ack, Ok(LeaseAck::Refused { reason }) if reason.starts_with("no_capacity"));
-                if !busy
+                let full = matches!(&ack, Ok(LeaseAck::Refused { reason }) if reason.starts_with("no_capacity"));
+                if !full
                     && !matches!(ack, Ok(LeaseAck::Accepted | LeaseAck::Claimed(_)))
                     && let Some(l) = to_send.iter().find(|l| l.lease_cid == cid)
                     && inner.standing.forget(&l.lease.body.bid_cid)
@@ -1216,18 +1284,31 @@ impl Coordinator {
                         LeaseStatus::Refused
                     }
                 };
-                (cid, s)
+                (cid, s, full)
             })
             .collect();
         // `Sent` and `Accepted` are both open: only refusals need writing (the next pass
         // replaces those leases), so an all-accepted round costs no commit.
-        if statuses.iter().any(|(_, s)| *s != LeaseStatus::Accepted) {
+        if statuses.iter().any(|(_, s, _)| *s != LeaseStatus::Accepted) {
+            let now = now_ms();
+            let full = statuses.iter().filter(|(_, _, full)| *full).count();
+            inner.backoffs.lease(full as u64);
             inner.tasks.update(id, |r| {
-                for (cid, s) in &statuses {
-                    if let Some(l) = r.leases.iter_mut().find(|l| l.lease_cid == *cid)
-                        && l.status == LeaseStatus::Sent
-                    {
-                        l.status = *s;
+                for (cid, s, full) in &statuses {
+                    let Some(l) = r.leases.iter_mut().find(|l| l.lease_cid == *cid) else {
+                        continue;
+                    };
+                    if l.status != LeaseStatus::Sent {
+                        continue;
+                    }
+                    l.status = *s;
+                    // A busy worker's bid is leased again after a backoff (the task's
+                    // deadline bounds the attempts).
+                    let bid_cid = l.lease.body.bid_cid;
+                    if *full && let Some(b) = r.bids.iter_mut().find(|b| b.bid_cid == bid_cid) {
+                        b.busy = b.busy.saturating_add(1);
+                        b.retry_at = now + busy::backoff(b.busy).as_millis() as u64;
+                        b.used = false;
                     }
                 }
                 Ok::<_, CoordinatorError>(())

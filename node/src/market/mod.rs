@@ -12,11 +12,13 @@
 //! - [`coordinator`]: the gateway's side, persisted in [`tasks`], leasing on the
 //!   [`standing`] bids it holds when it can;
 //! - [`blobs`]: snapshots, manifests and modules by CID;
+//! - [`busy`]: backing off from workers whose slots are all taken;
 //! - [`validator`]: re-runs a claim's deterministic step and signs a verdict;
 //! - [`service`]: dispatches inbound requests from the bounded queue;
 //! - [`ops`]: the status `d402 ops-monitor` shows, served on the node's control socket.
 
 pub mod blobs;
+pub mod busy;
 pub mod coordinator;
 pub mod ops;
 pub mod quorum;

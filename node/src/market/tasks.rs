@@ -143,6 +143,13 @@ pub struct BidRec {
     /// (so leasing it does not count another).
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub reserved: bool,
+    /// Leases on this bid refused in a row for want of a free slot (the worker is busy, not
+    /// gone: the bid is leased again after a backoff, see [`super::busy`]).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub busy: u32,
+    /// After a busy refusal, not leased again before this time.
+    #[serde(default, skip_serializing_if = "is_zero_ms")]
+    pub retry_at: UnixMillis,
 }
 
 /// A bid that was refused or not chosen, and why (the gateway's "why idle" for the bidder).
@@ -259,6 +266,10 @@ pub struct TaskRecord {
 }
 
 fn is_zero(n: &u32) -> bool {
+    *n == 0
+}
+
+fn is_zero_ms(n: &UnixMillis) -> bool {
     *n == 0
 }
 
