@@ -26,6 +26,48 @@ async fn claims_on_their_own_protocol_reach_the_same_quorum() {
     honest_quorum(Duration::ZERO, 0).await;
 }
 
+/// Leases go on each worker's pipe, and by request-response to a worker that does not
+/// speak the pipe protocol: the task is served by all three alike, and the next task sends
+/// that worker's lease by request-response at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn leases_go_on_pipes_and_by_request_response_to_a_worker_without() {
+    let dirs: Vec<_> = (0..4).map(|_| tempfile::tempdir().unwrap()).collect();
+    let offer = echo_offer(10);
+    let mut workers = Vec::new();
+    for (i, d) in dirs[1..].iter().enumerate() {
+        let cfg = worker_cfg(&offer, i);
+        workers.push(if i == 0 {
+            start_worker_without_pipes(d.path(), cfg).await
+        } else {
+            start_worker(d.path(), cfg).await
+        });
+    }
+    let (gw, coord) = gateway_for(dirs[0].path(), &workers).await;
+    let first = run_accepted(&coord, task(&offer, br#"{"n":1}"#, 3, 2), 3).await;
+    assert!(
+        first
+            .claims
+            .iter()
+            .all(|c| c.judgement == ClaimJudgement::Accepted)
+    );
+    let stats = gw.net.lease_pipe_stats();
+    // Two on pipes; the third tried its pipe, which failed before any answer, then went
+    // by request-response.
+    assert_eq!(stats.on_pipes, 2, "{stats:?}");
+    assert_eq!(stats.by_request_response, 1, "{stats:?}");
+    run_accepted(&coord, task(&offer, br#"{"n":2}"#, 3, 2), 3).await;
+    let stats = gw.net.lease_pipe_stats();
+    assert_eq!(stats.on_pipes, 4, "{stats:?}");
+    assert_eq!(stats.by_request_response, 2, "{stats:?}");
+    for w in &workers {
+        assert_eq!(w.worker.as_ref().unwrap().leases_accepted(), 2);
+    }
+    for w in workers {
+        w.stop().await;
+    }
+    gw.stop().await;
+}
+
 /// Three honest workers with `window` as their inline-claim window; each must have sent
 /// `inline` of its one claim inline.
 async fn honest_quorum(window: Duration, inline: u64) {

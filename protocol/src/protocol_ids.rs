@@ -6,6 +6,10 @@ pub const KAD: &str = "/d402/kad/1.0.0";
 pub const BID: &str = "/d402/bid/1";
 /// Lease → lease ack.
 pub const LEASE: &str = "/d402/lease/1";
+/// Many leases on one long-lived stream, each a frame `u32 length ‖ u64 id ‖ lease`,
+/// answered by a frame `u32 length ‖ u64 id ‖ lease ack` in any order (a gateway's pipe to
+/// a worker; [`LEASE`] is the fallback).
+pub const LEASE_PIPE: &str = "/d402/lease-pipe/1";
 /// Claim → claim ack.
 pub const CLAIM: &str = "/d402/claim/1";
 /// Verdict request → verdict.

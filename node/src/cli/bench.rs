@@ -147,14 +147,17 @@ pub(super) async fn start_node(
     Ok((node, addr))
 }
 
-/// A market benchmark's node: loopback TCP only, its database in `dir`.
+/// A market benchmark's node: loopback TCP only, its database in `dir`, leases on pipes
+/// or not.
 pub(super) async fn start_market_node(
     key: &SigningKey,
     dir: &TmpDir,
+    lease_pipes: bool,
 ) -> anyhow::Result<(Node, NetHandle, Multiaddr, State)> {
     let state = State::open(&dir.0)?;
     let mut cfg = NetConfig::new(Ipv4Addr::LOCALHOST.into(), 0);
     cfg.quic = false;
+    cfg.lease_pipes = lease_pipes;
     let (node, addr) = start_node(cfg, key, state.clone()).await?;
     let net = node.handle();
     Ok((node, net, addr, state))

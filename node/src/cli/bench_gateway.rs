@@ -76,6 +76,10 @@ pub struct GatewayArgs {
     /// such as /dev/shm takes the disk's fsync latency out of the numbers.
     #[arg(long, value_name = "DIR")]
     dir: Option<std::path::PathBuf>,
+    /// Send leases on long-lived pipes (`/d402/lease-pipe/1`); `false` sends each on its own
+    /// request-response stream (`/d402/lease/1`), to compare.
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set, value_name = "BOOL")]
+    lease_pipes: bool,
     /// Print the results as JSON.
     #[arg(long)]
     json: bool,
@@ -121,9 +125,10 @@ struct Peer {
 async fn start_peer(
     key: &SigningKey,
     dir: TmpDir,
+    lease_pipes: bool,
     services: impl FnOnce(&NetHandle, &State) -> anyhow::Result<Services>,
 ) -> anyhow::Result<(Peer, State)> {
-    let (node, net, addr, state) = start_market_node(key, &dir).await?;
+    let (node, net, addr, state) = start_market_node(key, &dir, lease_pipes).await?;
     let services = services(&net, &state)?;
     let service = service::serve(&net, services, 1024).await?;
     Ok((
@@ -189,15 +194,20 @@ pub async fn gateway(args: GatewayArgs) -> anyhow::Result<()> {
         cfg.max_concurrent = WORKER_CONCURRENCY;
         let run = echo_runner(WORKER_CONCURRENCY as u32, 512 * 1024 * 1024)?;
         let k = key.clone();
-        let (peer, _) = start_peer(&key, TmpDir::new_in(args.dir.as_deref())?, move |net, _| {
-            let blobs = BlobStore::new(64 * 1024 * 1024);
-            Ok(Services {
-                worker: Some(Worker::new(k, net.clone(), run, cfg, blobs.clone())),
-                coordinator: None,
-                validator: None,
-                blobs,
-            })
-        })
+        let (peer, _) = start_peer(
+            &key,
+            TmpDir::new_in(args.dir.as_deref())?,
+            args.lease_pipes,
+            move |net, _| {
+                let blobs = BlobStore::new(64 * 1024 * 1024);
+                Ok(Services {
+                    worker: Some(Worker::new(k, net.clone(), run, cfg, blobs.clone())),
+                    coordinator: None,
+                    validator: None,
+                    blobs,
+                })
+            },
+        )
         .await?;
         workers.push(peer);
     }
@@ -218,7 +228,7 @@ pub async fn gateway(args: GatewayArgs) -> anyhow::Result<()> {
     let resolved = capstore::resolve_offer(&gw_dir.0, &manifest.capability())?;
     let gw_key = random_key()?;
     let coordinator_cell = std::sync::OnceLock::new();
-    let (gw, gw_state) = start_peer(&gw_key, gw_dir, |net, state| {
+    let (gw, gw_state) = start_peer(&gw_key, gw_dir, args.lease_pipes, |net, state| {
         let blobs = BlobStore::new(64 * 1024 * 1024);
         let c = Coordinator::new(
             gw_key.clone(),

@@ -66,6 +66,10 @@ pub struct MarketArgs {
     /// such as /dev/shm takes the disk's fsync latency out of the numbers.
     #[arg(long, value_name = "DIR")]
     dir: Option<PathBuf>,
+    /// Send leases on long-lived pipes (`/d402/lease-pipe/1`); `false` sends each on its own
+    /// request-response stream (`/d402/lease/1`), to compare.
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set, value_name = "BOOL")]
+    lease_pipes: bool,
     /// Print the results as JSON.
     #[arg(long)]
     json: bool,
@@ -96,10 +100,11 @@ async fn worker(
     runner: &Runner,
     i: usize,
     base: &Option<PathBuf>,
+    lease_pipes: bool,
 ) -> anyhow::Result<Peer> {
     let k = random_key()?;
     let dir = TmpDir::new_in(base.as_deref())?;
-    let (node, net, addr, _state) = start_market_node(&k, &dir).await?;
+    let (node, net, addr, _state) = start_market_node(&k, &dir, lease_pipes).await?;
     let blobs = BlobStore::new(64 * 1024 * 1024);
     let payout = [(Chain::Local, format!("bench-worker-{i}"))]
         .into_iter()
@@ -181,11 +186,11 @@ pub async fn market(args: MarketArgs) -> anyhow::Result<()> {
     let runner = echo_runner(4, 256 * 1024 * 1024)?;
     let mut workers = Vec::new();
     for i in 0..3 {
-        workers.push(worker(&offer, &runner, i, &args.dir).await?);
+        workers.push(worker(&offer, &runner, i, &args.dir, args.lease_pipes).await?);
     }
     let gk = random_key()?;
     let _gdir = TmpDir::new_in(args.dir.as_deref())?;
-    let (gnode, gnet, _gaddr, gstate) = start_market_node(&gk, &_gdir).await?;
+    let (gnode, gnet, _gaddr, gstate) = start_market_node(&gk, &_gdir, args.lease_pipes).await?;
     let gblobs = BlobStore::new(64 * 1024 * 1024);
     let coord = Coordinator::new(
         gk,

@@ -90,6 +90,8 @@ pub struct Behaviour {
     pub verdict: request_response::Behaviour<D402Codec<VerdictProto>>,
     /// `/d402/blob/1`.
     pub blob: request_response::Behaviour<D402Codec<BlobProto>>,
+    /// Long-lived streams: the lease pipes (`/d402/lease-pipe/1`, [`super::pipe`]).
+    pub pipe: libp2p_stream::Behaviour,
 }
 
 impl Behaviour {
@@ -163,6 +165,7 @@ impl Behaviour {
             claim: codec::behaviour(MARKET_STREAMS),
             verdict: codec::behaviour(8),
             blob: codec::behaviour(8),
+            pipe: libp2p_stream::Behaviour::new(),
         }
     }
 }

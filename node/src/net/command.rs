@@ -1,6 +1,6 @@
 //! The cloneable handle to the event loop and the commands it sends.
 
-use std::time::Duration;
+use std::{sync::Arc, time::Duration};
 
 use d402_protocol::Cid;
 use libp2p::{Multiaddr, PeerId};
@@ -11,6 +11,7 @@ use super::{
     NetError,
     codec::{BidProto, BlobProto, ClaimProto, LeaseProto, RrProtocol, VerdictProto},
     market_rr::{Inbound, MarketOp, RrError, Wired},
+    pipe::{PipeStats, Pipes},
 };
 
 /// A worker offering a capability, as a lookup found it.
@@ -138,11 +139,12 @@ pub(crate) enum Command {
 pub struct NetHandle {
     tx: mpsc::Sender<Command>,
     local: PeerId,
+    pipes: Arc<Pipes>,
 }
 
 impl NetHandle {
-    pub(crate) fn new(tx: mpsc::Sender<Command>, local: PeerId) -> Self {
-        NetHandle { tx, local }
+    pub(crate) fn new(tx: mpsc::Sender<Command>, local: PeerId, pipes: Arc<Pipes>) -> Self {
+        NetHandle { tx, local, pipes }
     }
 
     /// This node's PeerId.
@@ -228,6 +230,7 @@ impl NetHandle {
     /// answered "busy" at once. Replaces any earlier registration.
     pub async fn serve_market(&self, capacity: usize) -> Result<mpsc::Receiver<Inbound>, NetError> {
         let (tx, rx) = mpsc::channel(capacity.max(1));
+        self.pipes.serve(tx.clone());
         let op: MarketOp = Box::new(move |_, rr| rr.serve(tx));
         self.tx
             .send(Command::Market(op))
@@ -264,14 +267,23 @@ impl NetHandle {
         self.request::<BidProto>(peer, addrs, request).await
     }
 
-    /// Sends a signed lease on `/d402/lease/1`.
+    /// Sends a signed lease on the pipe to `peer` (`/d402/lease-pipe/1`, see
+    /// [`super::pipe`]), or on `/d402/lease/1` when the pipe cannot carry it.
     pub async fn request_lease(
         &self,
         peer: PeerId,
         addrs: Vec<Multiaddr>,
         request: <LeaseProto as RrProtocol>::Request,
     ) -> Result<<LeaseProto as RrProtocol>::Response, RrError> {
+        if let Some(answer) = self.pipes.request(peer, &request).await {
+            return answer;
+        }
         self.request::<LeaseProto>(peer, addrs, request).await
+    }
+
+    /// How many leases this node sent on pipes, and how many by request-response.
+    pub fn lease_pipe_stats(&self) -> PipeStats {
+        self.pipes.stats()
     }
 
     /// Sends a signed claim on `/d402/claim/1`.

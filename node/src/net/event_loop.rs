@@ -10,6 +10,7 @@
 
 use std::{
     collections::{HashMap, HashSet, VecDeque},
+    sync::Arc,
     time::{Duration, Instant, SystemTime, UNIX_EPOCH},
 };
 
@@ -38,6 +39,7 @@ use super::{
     codec::{BidProto, BlobProto, ClaimProto, LeaseProto, VerdictProto},
     command::{BootstrapStatus, Command, LookupOptions, PeerSummary, Provider},
     market_rr::MarketRr,
+    pipe::Pipes,
 };
 use crate::state::{KnownPeer, State, StateError};
 
@@ -164,6 +166,8 @@ type PersistDone = (PeerId, PeerView, Result<(), StateError>);
 
 /// The event loop's state. Built by [`super::start`].
 pub(crate) struct EventLoop {
+    /// Told which peers are connected (a pipe is opened only to those).
+    pipes: Arc<Pipes>,
     swarm: Swarm<Behaviour>,
     commands: mpsc::Receiver<Command>,
     state: State,
@@ -196,9 +200,11 @@ impl EventLoop {
         cfg: NetConfig,
         state: State,
         port: u16,
+        pipes: Arc<Pipes>,
     ) -> Result<EventLoop, NetError> {
         let local = *swarm.local_peer_id();
         let mut el = EventLoop {
+            pipes,
             swarm,
             commands,
             state,
@@ -774,6 +780,7 @@ impl EventLoop {
                 ..
             } => {
                 debug!(peer = %peer_id, addr = %endpoint.get_remote_address(), n = num_established.get(), "connected");
+                self.pipes.set_connected(peer_id, true);
                 if let Some(reply) = self.pending_connects.remove(&connection_id) {
                     let _ = reply.send(Ok(peer_id));
                 }
@@ -807,6 +814,7 @@ impl EventLoop {
             } => {
                 debug!(peer = %peer_id, cause = ?cause, "connection closed");
                 if num_established == 0 {
+                    self.pipes.set_connected(peer_id, false);
                     let initial = self.cfg.timings.backoff_initial;
                     for t in &mut self.targets {
                         if t.peer == Some(peer_id) && t.connected {
@@ -912,6 +920,7 @@ impl EventLoop {
                 debug!(event = ?ev, "rendezvous point");
             }
             BehaviourEvent::Limits(never) => match never {},
+            BehaviourEvent::Pipe(()) => {}
             BehaviourEvent::Bid(ev) => {
                 self.market
                     .on_event::<BidProto>(&mut self.swarm, ev, advertises)

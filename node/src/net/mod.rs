@@ -26,6 +26,7 @@ mod event_loop;
 mod identity;
 mod market_rr;
 mod peer_addr;
+pub mod pipe;
 mod swarm;
 
 use std::{net::IpAddr, time::Duration};
@@ -143,6 +144,9 @@ pub struct NetConfig {
     pub agent: String,
     /// Timers and limits.
     pub timings: Timings,
+    /// Send leases on long-lived pipes and accept them ([`pipe`]); off, every lease goes
+    /// by request-response (`/d402/lease/1`).
+    pub lease_pipes: bool,
 }
 
 impl NetConfig {
@@ -159,6 +163,7 @@ impl NetConfig {
             max_connections: 512,
             agent: format!("d402/{}", env!("CARGO_PKG_VERSION")),
             timings: Timings::default(),
+            lease_pipes: true,
         }
     }
 
@@ -226,13 +231,17 @@ pub async fn start(cfg: NetConfig, key: &SigningKey, state: State) -> Result<Nod
         }
     }
 
+    let pipes = std::sync::Arc::new(pipe::Pipes::new(
+        swarm.behaviour().pipe.new_control(),
+        cfg.lease_pipes,
+    ));
     let (tx, rx) = mpsc::channel(256);
-    let mut event_loop = event_loop::EventLoop::new(swarm, rx, cfg, state, port)?;
+    let mut event_loop = event_loop::EventLoop::new(swarm, rx, cfg, state, port, pipes.clone())?;
     event_loop.on_new_listen_addr(first_listen);
     event_loop.start_dialling();
     let task = tokio::spawn(event_loop.run().instrument(span));
     Ok(Node {
-        handle: NetHandle::new(tx, local),
+        handle: NetHandle::new(tx, local, pipes),
         task,
     })
 }

@@ -198,6 +198,15 @@ pub async fn start_worker_with(
     start_worker_at(dir, cfg, runner, seed(), signing_seed, 0).await
 }
 
+/// A worker that neither opens nor accepts lease pipes (a node from before them): leases
+/// reach it by request-response.
+pub async fn start_worker_without_pipes(dir: &Path, cfg: WorkerConfig) -> MarketNode {
+    let mut net = NetConfig::new(Ipv4Addr::LOCALHOST.into(), 0);
+    net.quic = false;
+    net.lease_pipes = false;
+    start_worker_on(dir, cfg, runner(), seed(), None, net).await
+}
+
 /// Stops `old` and starts a worker with its key, directory and port again: the same peer,
 /// without what it held in memory (e.g. the bids it made).
 pub async fn restart_worker(old: MarketNode, dir: &Path, cfg: WorkerConfig) -> MarketNode {
@@ -214,7 +223,20 @@ async fn start_worker_at(
     signing_seed: Option<[u8; 32]>,
     port: u16,
 ) -> MarketNode {
-    let (node, net, addr, state) = start_net(dir, seed, port).await;
+    let mut net = NetConfig::new(Ipv4Addr::LOCALHOST.into(), port);
+    net.quic = false;
+    start_worker_on(dir, cfg, runner, seed, signing_seed, net).await
+}
+
+async fn start_worker_on(
+    dir: &Path,
+    cfg: WorkerConfig,
+    runner: Runner,
+    seed: [u8; 32],
+    signing_seed: Option<[u8; 32]>,
+    net: NetConfig,
+) -> MarketNode {
+    let (node, net, addr, state) = start_net_with(dir, seed, net).await;
     let blobs = BlobStore::new(64 * 1024 * 1024);
     let worker = Worker::new(
         SigningKey::from_bytes(&signing_seed.unwrap_or(seed)),

@@ -1,0 +1,534 @@
+//! Lease pipes: many leases on one long-lived stream from a gateway to a worker.
+//!
+//! A lease on `/d402/lease/1` (request-response) opens a stream for each lease: yamux's
+//! SYN, ACK and FIN frames, multistream-select's header and protocol, the lease and its
+//! answer, each its own write and wake-up on both sides (8 `sendto` per lease on loopback,
+//! session 13's profile). A pipe, `/d402/lease-pipe/1`, is opened once per worker and
+//! carries every later lease as one frame and its answer as another:
+//!
+//! ```text
+//! frame = u32 length (big-endian, of what follows) ‖ u64 id ‖ body
+//! ```
+//!
+//! The gateway numbers its leases; the worker answers each with the same id, in any order
+//! (an answer can be the lease's inline claim, ready when the run is). The bodies are those
+//! of `/d402/lease/1`, with the same caps and checks ([`LeaseProto`]): a frame over the cap,
+//! a body the canonical decoder refuses or an answer to no lease closes the pipe. Queued
+//! frames are written together and flushed once.
+//!
+//! A worker answers at most [`IN_FLIGHT`] leases of a pipe at a time ("busy" past that),
+//! through the market service's bounded queue like any lease. A gateway falls back to
+//! request-response for a lease its pipe never wrote (the pipe could not open, or ended
+//! first), and for a while for a worker whose pipe failed before any answer (it may not
+//! speak the protocol); a pipe idle for [`IDLE`] is closed.
+
+use std::{
+    collections::{HashMap, HashSet},
+    io,
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicU64, Ordering},
+    },
+    time::{Duration, Instant},
+};
+
+use d402_protocol::protocol_ids;
+use futures::{AsyncReadExt, AsyncWriteExt, StreamExt};
+use libp2p::{PeerId, Stream, StreamProtocol};
+use libp2p_stream::{Control, OpenStreamError};
+use tokio::{
+    sync::{Semaphore, mpsc, oneshot},
+    task::JoinHandle,
+};
+use tracing::{Instrument, debug, debug_span, warn};
+
+use super::{
+    codec::{LeaseProto, RrProtocol},
+    market_rr::{Inbound, RrError},
+};
+
+/// The pipe protocol.
+pub const PROTOCOL: StreamProtocol = StreamProtocol::new(protocol_ids::LEASE_PIPE);
+
+/// A pipe with no lease in flight for this long is closed.
+pub const IDLE: Duration = Duration::from_secs(60);
+
+/// Most leases a worker answers at once on one pipe; past this it answers "busy" at once.
+pub const IN_FLIGHT: usize = super::behaviour::MARKET_STREAMS;
+
+/// How long leases to a worker whose pipe failed before any answer go by request-response.
+pub const FALLBACK_FOR: Duration = Duration::from_secs(30);
+
+/// How long opening a pipe may take before its leases go by request-response.
+pub const OPEN_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// Frames queued on one pipe (gateway) before a sender waits.
+const QUEUE: usize = 64;
+
+/// The bytes before a frame's body: length and id.
+const HEAD: usize = 12;
+
+/// A lease's answer, or why there is none.
+type Answer = Result<<LeaseProto as RrProtocol>::Response, RrError>;
+
+/// A lease for a pipe: its canonical bytes and where its answer goes. Dropping the reply
+/// unanswered means the lease was never written (the caller falls back).
+struct Job {
+    body: Vec<u8>,
+    reply: oneshot::Sender<Answer>,
+}
+
+/// Counts of the leases a node sent, by how.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct PipeStats {
+    /// Sent on a pipe (answered, refused, failed or timed out there).
+    pub on_pipes: u64,
+    /// Left to request-response (pipes off, peer not connected, no pipe to it).
+    pub by_request_response: u64,
+}
+
+/// The node's pipes: the gateway's to each worker, and the worker's acceptor.
+pub struct Pipes {
+    control: Control,
+    enabled: bool,
+    open: Mutex<HashMap<PeerId, mpsc::Sender<Job>>>,
+    /// Peers with a connection (kept by the event loop): a pipe is opened only on one, so
+    /// that a lease to a peer not connected goes by request-response, which dials it at
+    /// the addresses given.
+    connected: Mutex<HashSet<PeerId>>,
+    fallback: Arc<Mutex<HashMap<PeerId, Instant>>>,
+    /// Leases answered (or timed out) on a pipe, and leases left to request-response.
+    on_pipes: AtomicU64,
+    not_on_pipes: AtomicU64,
+    /// Where inbound leases go (the market service's queue), once it is registered.
+    queue: Arc<Mutex<Option<mpsc::Sender<Inbound>>>>,
+    acceptor: Mutex<Option<JoinHandle<()>>>,
+}
+
+impl std::fmt::Debug for Pipes {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Pipes")
+            .field("enabled", &self.enabled)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Drop for Pipes {
+    fn drop(&mut self) {
+        if let Some(h) = self
+            .acceptor
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take()
+        {
+            h.abort();
+        }
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+impl Pipes {
+    /// Pipes over `control` (the swarm's stream behaviour); when not `enabled` the node
+    /// neither opens nor accepts any (every lease goes by request-response).
+    pub fn new(control: Control, enabled: bool) -> Pipes {
+        Pipes {
+            control,
+            enabled,
+            open: Mutex::default(),
+            connected: Mutex::default(),
+            on_pipes: AtomicU64::new(0),
+            not_on_pipes: AtomicU64::new(0),
+            fallback: Arc::default(),
+            queue: Arc::default(),
+            acceptor: Mutex::default(),
+        }
+    }
+
+    /// Sends `lease` to `peer` on its pipe (opened on first use) and waits for the answer
+    /// within the lease protocol's timeout. `None`: the lease was not written; send it by
+    /// request-response.
+    pub(crate) async fn request(
+        &self,
+        peer: PeerId,
+        lease: &<LeaseProto as RrProtocol>::Request,
+    ) -> Option<Answer> {
+        let answer = self.try_request(peer, lease).await;
+        let counter = match answer {
+            Some(_) => &self.on_pipes,
+            None => &self.not_on_pipes,
+        };
+        counter.fetch_add(1, Ordering::Relaxed);
+        answer
+    }
+
+    /// How many leases went on pipes, and how many were left to request-response.
+    pub fn stats(&self) -> PipeStats {
+        PipeStats {
+            on_pipes: self.on_pipes.load(Ordering::Relaxed),
+            by_request_response: self.not_on_pipes.load(Ordering::Relaxed),
+        }
+    }
+
+    async fn try_request(
+        &self,
+        peer: PeerId,
+        lease: &<LeaseProto as RrProtocol>::Request,
+    ) -> Option<Answer> {
+        if !self.enabled || !lock(&self.connected).contains(&peer) {
+            return None;
+        }
+        {
+            let mut fallback = lock(&self.fallback);
+            match fallback.get(&peer) {
+                Some(until) if Instant::now() < *until => return None,
+                Some(_) => {
+                    fallback.remove(&peer);
+                }
+                None => {}
+            }
+        }
+        let body = LeaseProto::encode_request(lease).ok()?;
+        let (reply, answer) = oneshot::channel();
+        let sender = self.sender(peer);
+        sender.send(Job { body, reply }).await.ok()?;
+        match tokio::time::timeout(LeaseProto::TIMEOUT, answer).await {
+            Err(_) => Some(Err(RrError::Timeout)),
+            Ok(Err(_)) => None,
+            Ok(Ok(a)) => Some(a),
+        }
+    }
+
+    /// Records whether `peer` has a connection now.
+    pub(crate) fn set_connected(&self, peer: PeerId, connected: bool) {
+        let mut c = lock(&self.connected);
+        if connected {
+            c.insert(peer);
+        } else {
+            c.remove(&peer);
+        }
+    }
+
+    /// The live pipe to `peer`, or a new one.
+    fn sender(&self, peer: PeerId) -> mpsc::Sender<Job> {
+        let mut open = lock(&self.open);
+        if let Some(s) = open.get(&peer)
+            && !s.is_closed()
+        {
+            return s.clone();
+        }
+        open.retain(|_, s| !s.is_closed());
+        let (tx, rx) = mpsc::channel(QUEUE);
+        open.insert(peer, tx.clone());
+        let control = self.control.clone();
+        let fallback = self.fallback.clone();
+        tokio::spawn(outbound(control, peer, rx, fallback).instrument(debug_span!("pipe", %peer)));
+        tx
+    }
+
+    /// Accepts pipes and queues their leases on `queue` (replacing an earlier queue).
+    pub(crate) fn serve(&self, queue: mpsc::Sender<Inbound>) {
+        *lock(&self.queue) = Some(queue);
+        let mut acceptor = lock(&self.acceptor);
+        if !self.enabled || acceptor.is_some() {
+            return;
+        }
+        let mut incoming = match self.control.clone().accept(PROTOCOL) {
+            Ok(i) => i,
+            Err(e) => {
+                warn!(error = %e, "cannot accept lease pipes");
+                return;
+            }
+        };
+        let queue = self.queue.clone();
+        *acceptor = Some(tokio::spawn(async move {
+            while let Some((peer, stream)) = incoming.next().await {
+                tokio::spawn(
+                    inbound(peer, stream, queue.clone()).instrument(debug_span!("pipe", %peer)),
+                );
+            }
+        }));
+    }
+}
+
+/// Appends the frame of `body` numbered `id` to `buf`.
+fn put_frame(buf: &mut Vec<u8>, id: u64, body: &[u8]) {
+    let len = u32::try_from(body.len() + 8).unwrap_or(u32::MAX);
+    buf.extend_from_slice(&len.to_be_bytes());
+    buf.extend_from_slice(&id.to_be_bytes());
+    buf.extend_from_slice(body);
+}
+
+/// Reads one frame whose body is at most `max` bytes. `Ok(None)` at a clean end of stream
+/// (before a frame's first byte).
+async fn read_frame<R: futures::AsyncRead + Unpin>(
+    r: &mut R,
+    max: usize,
+) -> io::Result<Option<(u64, Vec<u8>)>> {
+    let mut head = [0u8; HEAD];
+    let mut got = 0;
+    while got < 4 {
+        let n = r.read(&mut head[got..4]).await?;
+        if n == 0 {
+            return if got == 0 {
+                Ok(None)
+            } else {
+                Err(io::ErrorKind::UnexpectedEof.into())
+            };
+        }
+        got += n;
+    }
+    r.read_exact(&mut head[4..]).await?;
+    let len = u32::from_be_bytes([head[0], head[1], head[2], head[3]]) as usize;
+    if !(8..=max + 8).contains(&len) {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!("frame of {len} bytes (at most {} allowed)", max + 8),
+        ));
+    }
+    let mut id = [0u8; 8];
+    id.copy_from_slice(&head[4..]);
+    let mut body = vec![0u8; len - 8];
+    r.read_exact(&mut body).await?;
+    Ok(Some((u64::from_be_bytes(id), body)))
+}
+
+/// A gateway's pipe to `peer`: opens it, writes the queued leases, routes the answers.
+async fn outbound(
+    mut control: Control,
+    peer: PeerId,
+    mut jobs: mpsc::Receiver<Job>,
+    fallback: Arc<Mutex<HashMap<PeerId, Instant>>>,
+) {
+    let opened = tokio::time::timeout(OPEN_TIMEOUT, control.open_stream(peer, PROTOCOL)).await;
+    let stream = match opened {
+        Ok(Ok(s)) => s,
+        Err(_) => {
+            debug!("no lease pipe after {OPEN_TIMEOUT:?}; request-response instead");
+            return;
+        }
+        Ok(Err(e)) => {
+            debug!(error = %e, "cannot open a lease pipe; request-response instead");
+            if matches!(e, OpenStreamError::UnsupportedProtocol(_)) {
+                lock(&fallback).insert(peer, Instant::now() + FALLBACK_FOR);
+            }
+            return;
+        }
+    };
+    debug!("lease pipe open");
+    let (mut rd, mut wr) = stream.split();
+    let pending: Mutex<HashMap<u64, oneshot::Sender<Answer>>> = Mutex::default();
+    let mut answered = false;
+    let writer = async {
+        let mut next = 0u64;
+        let mut buf = Vec::new();
+        loop {
+            let job = match tokio::time::timeout(IDLE, jobs.recv()).await {
+                Ok(Some(j)) => j,
+                Ok(None) => return Ok(()),
+                Err(_) => {
+                    let mut p = lock(&pending);
+                    p.retain(|_, r| !r.is_closed());
+                    if p.is_empty() {
+                        return Ok(());
+                    }
+                    continue;
+                }
+            };
+            buf.clear();
+            let mut batch = Some(job);
+            while let Some(j) = batch.take().or_else(|| jobs.try_recv().ok()) {
+                next += 1;
+                put_frame(&mut buf, next, &j.body);
+                lock(&pending).insert(next, j.reply);
+                if buf.len() >= 64 * 1024 {
+                    break;
+                }
+            }
+            wr.write_all(&buf).await?;
+            wr.flush().await?;
+        }
+    };
+    let reader = async {
+        loop {
+            let Some((id, body)) = read_frame(&mut rd, LeaseProto::RESPONSE_MAX).await? else {
+                return Err(io::Error::from(io::ErrorKind::UnexpectedEof));
+            };
+            let ack = LeaseProto::decode_response(&body)
+                .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
+            let Some(reply) = lock(&pending).remove(&id) else {
+                return Err(io::Error::new(
+                    io::ErrorKind::InvalidData,
+                    format!("an answer to no lease (id {id})"),
+                ));
+            };
+            answered = true;
+            let _ = reply.send(Ok(ack));
+        }
+    };
+    let ended: io::Result<()> = tokio::select! {
+        r = writer => r,
+        r = reader => r,
+    };
+    jobs.close();
+    let pending = std::mem::take(&mut *lock(&pending));
+    match ended {
+        Ok(()) => {
+            debug!("lease pipe idle; closed");
+            let _ = wr.close().await;
+        }
+        Err(e) if answered => {
+            debug!(error = %e, in_flight = pending.len(), "lease pipe failed");
+            for (_, reply) in pending {
+                let _ = reply.send(Err(RrError::Stream(e.to_string())));
+            }
+        }
+        // Nothing ever came back: the worker may not speak the protocol (negotiation is
+        // lazy, so that shows only now). The leases in flight go by request-response (a
+        // worker that did get one refuses the second copy `bid_used`).
+        Err(e) => {
+            debug!(error = %e, "lease pipe failed before any answer; request-response instead");
+            lock(&fallback).insert(peer, Instant::now() + FALLBACK_FOR);
+            drop(pending);
+        }
+    }
+}
+
+/// A worker's side of a pipe from `peer`: queues each lease for the market service and
+/// writes the answers as they come.
+async fn inbound(peer: PeerId, stream: Stream, queue: Arc<Mutex<Option<mpsc::Sender<Inbound>>>>) {
+    debug!("lease pipe accepted");
+    let (mut rd, mut wr) = stream.split();
+    let (out, mut frames) = mpsc::channel::<Vec<u8>>(IN_FLIGHT);
+    let slots = Arc::new(Semaphore::new(IN_FLIGHT));
+    let busy = |id: u64| {
+        let mut f = Vec::new();
+        if let Ok(b) = LeaseProto::encode_response(&LeaseProto::busy()) {
+            put_frame(&mut f, id, &b);
+        }
+        f
+    };
+    let reader = async move {
+        loop {
+            let (id, body) = match read_frame(&mut rd, LeaseProto::REQUEST_MAX).await {
+                Ok(Some(f)) => f,
+                Ok(None) => return,
+                Err(e) => {
+                    debug!(error = %e, "lease pipe closed");
+                    return;
+                }
+            };
+            let lease = match LeaseProto::decode_request(&body) {
+                Ok(l) => l,
+                Err(e) => {
+                    warn!(error = %e, "bad lease on a pipe; closing it");
+                    return;
+                }
+            };
+            let Ok(slot) = slots.clone().try_acquire_owned() else {
+                if out.send(busy(id)).await.is_err() {
+                    return;
+                }
+                continue;
+            };
+            let (reply, answer) = oneshot::channel();
+            let queued = lock(&queue).as_ref().is_some_and(|q| {
+                q.try_send(Inbound::Lease {
+                    peer,
+                    request: lease,
+                    reply,
+                })
+                .is_ok()
+            });
+            if !queued {
+                if out.send(busy(id)).await.is_err() {
+                    return;
+                }
+                continue;
+            }
+            let out = out.clone();
+            tokio::spawn(async move {
+                let ack = answer.await.unwrap_or_else(|_| LeaseProto::busy());
+                let mut f = Vec::new();
+                match LeaseProto::encode_response(&ack) {
+                    Ok(b) => put_frame(&mut f, id, &b),
+                    Err(e) => {
+                        warn!(error = %e, "cannot encode a lease answer");
+                        f = busy(id);
+                    }
+                }
+                let _ = out.send(f).await;
+                drop(slot);
+            });
+        }
+    };
+    let writer = async {
+        let mut buf = Vec::new();
+        while let Some(f) = frames.recv().await {
+            buf.clear();
+            buf.extend_from_slice(&f);
+            while buf.len() < 64 * 1024
+                && let Ok(more) = frames.try_recv()
+            {
+                buf.extend_from_slice(&more);
+            }
+            if let Err(e) = async {
+                wr.write_all(&buf).await?;
+                wr.flush().await
+            }
+            .await
+            {
+                debug!(error = %e, "lease pipe write failed");
+                return;
+            }
+        }
+        let _ = wr.close().await;
+    };
+    // The writer ends once the reader and every answer in flight have let go of `out`.
+    tokio::join!(reader, writer);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn frames_round_trip_and_caps_hold() {
+        let mut buf = Vec::new();
+        put_frame(&mut buf, 7, b"hello");
+        put_frame(&mut buf, u64::MAX, b"");
+        let mut r = futures::io::Cursor::new(buf.clone());
+        assert_eq!(
+            read_frame(&mut r, 5).await.unwrap(),
+            Some((7, b"hello".to_vec()))
+        );
+        assert_eq!(
+            read_frame(&mut r, 5).await.unwrap(),
+            Some((u64::MAX, vec![]))
+        );
+        assert_eq!(read_frame(&mut r, 5).await.unwrap(), None);
+
+        // Over the cap: refused before the body is read.
+        let mut r = futures::io::Cursor::new(buf.clone());
+        let e = read_frame(&mut r, 4).await.unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::InvalidData);
+
+        // A length shorter than the id, and a stream cut inside a frame.
+        let mut short = 3u32.to_be_bytes().to_vec();
+        short.extend_from_slice(&[0; 8]);
+        let e = read_frame(&mut futures::io::Cursor::new(short), 100)
+            .await
+            .unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::InvalidData);
+        let e = read_frame(&mut futures::io::Cursor::new(buf[..10].to_vec()), 100)
+            .await
+            .unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::UnexpectedEof);
+        let e = read_frame(&mut futures::io::Cursor::new(buf[..2].to_vec()), 100)
+            .await
+            .unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::UnexpectedEof);
+    }
+}
