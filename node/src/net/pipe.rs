@@ -32,9 +32,9 @@ use std::{
     time::{Duration, Instant},
 };
 
-use d402_protocol::protocol_ids;
+use d402_protocol::{messages::LeaseAck, protocol_ids};
 use futures::{AsyncReadExt, AsyncWriteExt, StreamExt};
-use libp2p::{PeerId, Stream, StreamProtocol};
+use libp2p::{PeerId, Stream, StreamProtocol, core::upgrade::NegotiationError};
 use libp2p_stream::{Control, OpenStreamError};
 use tokio::{
     sync::{Semaphore, mpsc, oneshot},
@@ -53,11 +53,22 @@ pub const PROTOCOL: StreamProtocol = StreamProtocol::new(protocol_ids::LEASE_PIP
 /// A pipe with no lease in flight for this long is closed.
 pub const IDLE: Duration = Duration::from_secs(60);
 
-/// Most leases a worker answers at once on one pipe; past this it answers "busy" at once.
-pub const IN_FLIGHT: usize = super::behaviour::MARKET_STREAMS;
+/// Most pipes a worker keeps from one peer; more are dropped.
+pub const PIPES_PER_PEER: usize = 2;
 
-/// How long leases to a worker whose pipe failed before any answer go by request-response.
+/// Most leases a worker answers at once on one pipe; past this it answers "busy" at once.
+/// With [`PIPES_PER_PEER`], a peer has as many in flight as on request-response streams.
+pub const IN_FLIGHT: usize = super::behaviour::MARKET_STREAMS / PIPES_PER_PEER;
+
+/// How long leases to a worker that does not speak the pipe protocol go by request-response.
 pub const FALLBACK_FOR: Duration = Duration::from_secs(30);
+
+/// How long leases to a worker whose pipe could not be opened go by request-response.
+pub const RETRY_OPEN_AFTER: Duration = Duration::from_secs(5);
+
+/// A frame's rest must follow its first byte within this long; a write must finish within
+/// it too.
+pub const FRAME_TIMEOUT: Duration = LeaseProto::TIMEOUT;
 
 /// How long opening a pipe may take before its leases go by request-response.
 pub const OPEN_TIMEOUT: Duration = Duration::from_secs(2);
@@ -190,11 +201,22 @@ impl Pipes {
                 None => {}
             }
         }
+        // One deadline for queueing, writing and the answer.
+        let deadline = tokio::time::Instant::now() + LeaseProto::TIMEOUT;
         let body = LeaseProto::encode_request(lease).ok()?;
+        if body.len() > LeaseProto::REQUEST_MAX {
+            return None;
+        }
         let (reply, answer) = oneshot::channel();
         let sender = self.sender(peer);
-        sender.send(Job { body, reply }).await.ok()?;
-        match tokio::time::timeout(LeaseProto::TIMEOUT, answer).await {
+        match tokio::time::timeout_at(deadline, sender.send(Job { body, reply })).await {
+            Ok(Ok(())) => {}
+            // The pipe ended before taking it: not written.
+            Ok(Err(_)) => return None,
+            // Not even queued in time (the pipe is stalled): not written, and the time is up.
+            Err(_) => return Some(Err(RrError::Timeout)),
+        }
+        match tokio::time::timeout_at(deadline, answer).await {
             Err(_) => Some(Err(RrError::Timeout)),
             Ok(Err(_)) => None,
             Ok(Ok(a)) => Some(a),
@@ -243,10 +265,32 @@ impl Pipes {
             }
         };
         let queue = self.queue.clone();
+        let per_peer: Arc<Mutex<HashMap<PeerId, usize>>> = Arc::default();
         *acceptor = Some(tokio::spawn(async move {
             while let Some((peer, stream)) = incoming.next().await {
+                {
+                    let mut n = lock(&per_peer);
+                    let n = n.entry(peer).or_default();
+                    if *n >= PIPES_PER_PEER {
+                        debug!(%peer, "a lease pipe too many from this peer; dropped");
+                        continue;
+                    }
+                    *n += 1;
+                }
+                let per_peer = per_peer.clone();
+                let queue = queue.clone();
                 tokio::spawn(
-                    inbound(peer, stream, queue.clone()).instrument(debug_span!("pipe", %peer)),
+                    async move {
+                        inbound(peer, stream, queue).await;
+                        let mut n = lock(&per_peer);
+                        if let Some(c) = n.get_mut(&peer) {
+                            *c -= 1;
+                            if *c == 0 {
+                                n.remove(&peer);
+                            }
+                        }
+                    }
+                    .instrument(debug_span!("pipe", %peer)),
                 );
             }
         }));
@@ -261,38 +305,75 @@ fn put_frame(buf: &mut Vec<u8>, id: u64, body: &[u8]) {
     buf.extend_from_slice(body);
 }
 
-/// Reads one frame whose body is at most `max` bytes. `Ok(None)` at a clean end of stream
-/// (before a frame's first byte).
+/// What [`read_frame`] read.
+#[derive(Debug, PartialEq, Eq)]
+enum Read {
+    /// A frame: its id and body.
+    Frame(u64, Vec<u8>),
+    /// The stream ended cleanly, before a frame's first byte.
+    End,
+    /// No frame began within the wait given (nothing was consumed).
+    Idle,
+}
+
+/// Reads one frame whose body is at most `max` bytes, waiting at most `idle` (if given) for
+/// its first byte; once a frame has begun, the rest must follow within [`FRAME_TIMEOUT`].
 async fn read_frame<R: futures::AsyncRead + Unpin>(
     r: &mut R,
     max: usize,
-) -> io::Result<Option<(u64, Vec<u8>)>> {
+    idle: Option<Duration>,
+) -> io::Result<Read> {
     let mut head = [0u8; HEAD];
-    let mut got = 0;
-    while got < 4 {
-        let n = r.read(&mut head[got..4]).await?;
-        if n == 0 {
-            return if got == 0 {
-                Ok(None)
-            } else {
-                Err(io::ErrorKind::UnexpectedEof.into())
-            };
+    // Cancelling a pending read consumes nothing, so the wait for the first byte can time
+    // out without breaking the framing.
+    let first = r.read(&mut head[..4]);
+    let got = match idle {
+        Some(wait) => match tokio::time::timeout(wait, first).await {
+            Ok(n) => n?,
+            Err(_) => return Ok(Read::Idle),
+        },
+        None => first.await?,
+    };
+    if got == 0 {
+        return Ok(Read::End);
+    }
+    let rest = async {
+        r.read_exact(&mut head[got..]).await?;
+        let len = u32::from_be_bytes([head[0], head[1], head[2], head[3]]) as usize;
+        if !(8..=max + 8).contains(&len) {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!("frame of {len} bytes (at most {} allowed)", max + 8),
+            ));
         }
-        got += n;
-    }
-    r.read_exact(&mut head[4..]).await?;
-    let len = u32::from_be_bytes([head[0], head[1], head[2], head[3]]) as usize;
-    if !(8..=max + 8).contains(&len) {
-        return Err(io::Error::new(
-            io::ErrorKind::InvalidData,
-            format!("frame of {len} bytes (at most {} allowed)", max + 8),
-        ));
-    }
-    let mut id = [0u8; 8];
-    id.copy_from_slice(&head[4..]);
-    let mut body = vec![0u8; len - 8];
-    r.read_exact(&mut body).await?;
-    Ok(Some((u64::from_be_bytes(id), body)))
+        let mut id = [0u8; 8];
+        id.copy_from_slice(&head[4..]);
+        let mut body = vec![0u8; len - 8];
+        r.read_exact(&mut body).await?;
+        Ok(Read::Frame(u64::from_be_bytes(id), body))
+    };
+    tokio::time::timeout(FRAME_TIMEOUT, rest)
+        .await
+        .unwrap_or_else(|_| Err(io::ErrorKind::TimedOut.into()))
+}
+
+/// Writes `buf` and flushes, within [`FRAME_TIMEOUT`].
+async fn write_all<W: futures::AsyncWrite + Unpin>(w: &mut W, buf: &[u8]) -> io::Result<()> {
+    let write = async {
+        w.write_all(buf).await?;
+        w.flush().await
+    };
+    tokio::time::timeout(FRAME_TIMEOUT, write)
+        .await
+        .unwrap_or_else(|_| Err(io::ErrorKind::TimedOut.into()))
+}
+
+/// Whether `e` says the peer refused the protocol (lazy negotiation reports it on the first
+/// read or write after the stream was handed out).
+fn refused_protocol(e: &io::Error) -> bool {
+    e.get_ref()
+        .and_then(|inner| inner.downcast_ref::<NegotiationError>())
+        .is_some_and(|n| matches!(n, NegotiationError::Failed))
 }
 
 /// A gateway's pipe to `peer`: opens it, writes the queued leases, routes the answers.
@@ -305,22 +386,26 @@ async fn outbound(
     let opened = tokio::time::timeout(OPEN_TIMEOUT, control.open_stream(peer, PROTOCOL)).await;
     let stream = match opened {
         Ok(Ok(s)) => s,
-        Err(_) => {
-            debug!("no lease pipe after {OPEN_TIMEOUT:?}; request-response instead");
+        // The queued leases are dropped unwritten: they go by request-response.
+        Ok(Err(OpenStreamError::UnsupportedProtocol(_))) => {
+            debug!("the peer has no lease pipes; request-response instead");
+            lock(&fallback).insert(peer, Instant::now() + FALLBACK_FOR);
             return;
         }
         Ok(Err(e)) => {
             debug!(error = %e, "cannot open a lease pipe; request-response instead");
-            if matches!(e, OpenStreamError::UnsupportedProtocol(_)) {
-                lock(&fallback).insert(peer, Instant::now() + FALLBACK_FOR);
-            }
+            lock(&fallback).insert(peer, Instant::now() + RETRY_OPEN_AFTER);
+            return;
+        }
+        Err(_) => {
+            debug!("no lease pipe after {OPEN_TIMEOUT:?}; request-response instead");
+            lock(&fallback).insert(peer, Instant::now() + RETRY_OPEN_AFTER);
             return;
         }
     };
     debug!("lease pipe open");
     let (mut rd, mut wr) = stream.split();
     let pending: Mutex<HashMap<u64, oneshot::Sender<Answer>>> = Mutex::default();
-    let mut answered = false;
     let writer = async {
         let mut next = 0u64;
         let mut buf = Vec::new();
@@ -340,32 +425,42 @@ async fn outbound(
             buf.clear();
             let mut batch = Some(job);
             while let Some(j) = batch.take().or_else(|| jobs.try_recv().ok()) {
+                // A caller that gave up has had its lease replaced: do not deliver it.
+                if j.reply.is_closed() {
+                    continue;
+                }
                 next += 1;
                 put_frame(&mut buf, next, &j.body);
-                lock(&pending).insert(next, j.reply);
+                let mut p = lock(&pending);
+                if p.len() >= QUEUE * 4 {
+                    p.retain(|_, r| !r.is_closed());
+                }
+                p.insert(next, j.reply);
                 if buf.len() >= 64 * 1024 {
                     break;
                 }
             }
-            wr.write_all(&buf).await?;
-            wr.flush().await?;
+            if !buf.is_empty() {
+                write_all(&mut wr, &buf).await?;
+            }
         }
     };
     let reader = async {
         loop {
-            let Some((id, body)) = read_frame(&mut rd, LeaseProto::RESPONSE_MAX).await? else {
-                return Err(io::Error::from(io::ErrorKind::UnexpectedEof));
+            let (id, body) = match read_frame(&mut rd, LeaseProto::RESPONSE_MAX, None).await? {
+                Read::Frame(id, body) => (id, body),
+                Read::End | Read::Idle => {
+                    return Err(io::Error::from(io::ErrorKind::UnexpectedEof));
+                }
             };
-            let ack = LeaseProto::decode_response(&body)
-                .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
+            // An answer whose caller gave up (pruned) has no entry: nothing to do.
             let Some(reply) = lock(&pending).remove(&id) else {
-                return Err(io::Error::new(
-                    io::ErrorKind::InvalidData,
-                    format!("an answer to no lease (id {id})"),
-                ));
+                debug!(id, "an answer to a lease no longer awaited");
+                continue;
             };
-            answered = true;
-            let _ = reply.send(Ok(ack));
+            let answer = LeaseProto::decode_response(&body)
+                .map_err(|e| RrError::Stream(format!("bad answer: {e}")));
+            let _ = reply.send(answer);
         }
     };
     let ended: io::Result<()> = tokio::select! {
@@ -379,120 +474,135 @@ async fn outbound(
             debug!("lease pipe idle; closed");
             let _ = wr.close().await;
         }
-        Err(e) if answered => {
+        // The worker does not speak the protocol (negotiation is lazy, so that shows only
+        // now): nothing reached it, and the leases in flight go by request-response.
+        Err(e) if refused_protocol(&e) => {
+            debug!("the peer has no lease pipes; request-response instead");
+            lock(&fallback).insert(peer, Instant::now() + FALLBACK_FOR);
+            drop(pending);
+        }
+        // Leases in flight may have reached the worker: they fail, as on a closed stream.
+        Err(e) => {
             debug!(error = %e, in_flight = pending.len(), "lease pipe failed");
             for (_, reply) in pending {
                 let _ = reply.send(Err(RrError::Stream(e.to_string())));
             }
         }
-        // Nothing ever came back: the worker may not speak the protocol (negotiation is
-        // lazy, so that shows only now). The leases in flight go by request-response (a
-        // worker that did get one refuses the second copy `bid_used`).
-        Err(e) => {
-            debug!(error = %e, "lease pipe failed before any answer; request-response instead");
-            lock(&fallback).insert(peer, Instant::now() + FALLBACK_FOR);
-            drop(pending);
-        }
     }
 }
 
+/// The answer frame `ack` numbered `id` (a refusal if it cannot be encoded).
+fn answer_frame(id: u64, ack: &<LeaseProto as RrProtocol>::Response) -> Vec<u8> {
+    let body = LeaseProto::encode_response(ack).or_else(|e| {
+        warn!(error = %e, "cannot encode a lease answer");
+        LeaseProto::encode_response(&LeaseProto::busy())
+    });
+    let mut f = Vec::new();
+    if let Ok(b) = body {
+        put_frame(&mut f, id, &b);
+    }
+    f
+}
+
 /// A worker's side of a pipe from `peer`: queues each lease for the market service and
-/// writes the answers as they come.
+/// writes the answers as they come. Ends when the gateway closes the pipe, when nothing was
+/// in flight for twice [`IDLE`], or on an error; a writer that cannot write within
+/// [`FRAME_TIMEOUT`] ends it too.
 async fn inbound(peer: PeerId, stream: Stream, queue: Arc<Mutex<Option<mpsc::Sender<Inbound>>>>) {
     debug!("lease pipe accepted");
     let (mut rd, mut wr) = stream.split();
     let (out, mut frames) = mpsc::channel::<Vec<u8>>(IN_FLIGHT);
-    let slots = Arc::new(Semaphore::new(IN_FLIGHT));
-    let busy = |id: u64| {
-        let mut f = Vec::new();
-        if let Ok(b) = LeaseProto::encode_response(&LeaseProto::busy()) {
-            put_frame(&mut f, id, &b);
-        }
-        f
-    };
-    let reader = async move {
-        loop {
-            let (id, body) = match read_frame(&mut rd, LeaseProto::REQUEST_MAX).await {
-                Ok(Some(f)) => f,
-                Ok(None) => return,
-                Err(e) => {
-                    debug!(error = %e, "lease pipe closed");
+    // The writer owns the channel's receiver: when it ends, every send fails at once.
+    let writer = tokio::spawn(
+        async move {
+            let mut buf = Vec::new();
+            while let Some(f) = frames.recv().await {
+                buf.clear();
+                buf.extend_from_slice(&f);
+                while buf.len() < 64 * 1024
+                    && let Ok(more) = frames.try_recv()
+                {
+                    buf.extend_from_slice(&more);
+                }
+                if let Err(e) = write_all(&mut wr, &buf).await {
+                    debug!(error = %e, "lease pipe write failed");
                     return;
                 }
-            };
-            let lease = match LeaseProto::decode_request(&body) {
-                Ok(l) => l,
-                Err(e) => {
-                    warn!(error = %e, "bad lease on a pipe; closing it");
-                    return;
-                }
-            };
-            let Ok(slot) = slots.clone().try_acquire_owned() else {
-                if out.send(busy(id)).await.is_err() {
-                    return;
-                }
-                continue;
-            };
-            let (reply, answer) = oneshot::channel();
-            let queued = lock(&queue).as_ref().is_some_and(|q| {
-                q.try_send(Inbound::Lease {
-                    peer,
-                    request: lease,
-                    reply,
-                })
-                .is_ok()
-            });
-            if !queued {
-                if out.send(busy(id)).await.is_err() {
-                    return;
-                }
-                continue;
             }
-            let out = out.clone();
-            tokio::spawn(async move {
-                let ack = answer.await.unwrap_or_else(|_| LeaseProto::busy());
-                let mut f = Vec::new();
-                match LeaseProto::encode_response(&ack) {
-                    Ok(b) => put_frame(&mut f, id, &b),
-                    Err(e) => {
-                        warn!(error = %e, "cannot encode a lease answer");
-                        f = busy(id);
+            let _ = wr.close().await;
+        }
+        .in_current_span(),
+    );
+    let slots = Arc::new(Semaphore::new(IN_FLIGHT));
+    loop {
+        let (id, body) = match read_frame(&mut rd, LeaseProto::REQUEST_MAX, Some(2 * IDLE)).await {
+            Ok(Read::Frame(id, body)) => (id, body),
+            Ok(Read::Idle) if slots.available_permits() == IN_FLIGHT => {
+                debug!("lease pipe idle; closed");
+                break;
+            }
+            Ok(Read::Idle) => continue,
+            Ok(Read::End) => break,
+            Err(e) => {
+                debug!(error = %e, "lease pipe closed");
+                break;
+            }
+        };
+        if out.is_closed() {
+            break;
+        }
+        let ack = match LeaseProto::decode_request(&body) {
+            Err(e) => {
+                warn!(error = %e, "bad lease on a pipe; refused");
+                Some(LeaseAck::Refused {
+                    reason: "bad_request: the lease does not decode".into(),
+                })
+            }
+            Ok(lease) => match slots.clone().try_acquire_owned() {
+                Err(_) => Some(LeaseProto::busy()),
+                Ok(slot) => {
+                    let (reply, answer) = oneshot::channel();
+                    let queued = lock(&queue).as_ref().is_some_and(|q| {
+                        q.try_send(Inbound::Lease {
+                            peer,
+                            request: lease,
+                            reply,
+                        })
+                        .is_ok()
+                    });
+                    if queued {
+                        let out = out.clone();
+                        tokio::spawn(async move {
+                            let ack = answer.await.unwrap_or_else(|_| LeaseProto::busy());
+                            let _ = out.send(answer_frame(id, &ack)).await;
+                            drop(slot);
+                        });
+                        None
+                    } else {
+                        Some(LeaseProto::busy())
                     }
                 }
-                let _ = out.send(f).await;
-                drop(slot);
-            });
+            },
+        };
+        if let Some(ack) = ack
+            && out.send(answer_frame(id, &ack)).await.is_err()
+        {
+            break;
         }
-    };
-    let writer = async {
-        let mut buf = Vec::new();
-        while let Some(f) = frames.recv().await {
-            buf.clear();
-            buf.extend_from_slice(&f);
-            while buf.len() < 64 * 1024
-                && let Ok(more) = frames.try_recv()
-            {
-                buf.extend_from_slice(&more);
-            }
-            if let Err(e) = async {
-                wr.write_all(&buf).await?;
-                wr.flush().await
-            }
-            .await
-            {
-                debug!(error = %e, "lease pipe write failed");
-                return;
-            }
-        }
-        let _ = wr.close().await;
-    };
-    // The writer ends once the reader and every answer in flight have let go of `out`.
-    tokio::join!(reader, writer);
+    }
+    // The writer ends once the answers in flight have let go of the channel.
+    drop(out);
+    let _ = writer.await;
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use futures::TryStreamExt;
+
+    async fn read(bytes: &[u8], max: usize) -> io::Result<Read> {
+        read_frame(&mut futures::io::Cursor::new(bytes.to_vec()), max, None).await
+    }
 
     #[tokio::test]
     async fn frames_round_trip_and_caps_hold() {
@@ -501,34 +611,62 @@ mod tests {
         put_frame(&mut buf, u64::MAX, b"");
         let mut r = futures::io::Cursor::new(buf.clone());
         assert_eq!(
-            read_frame(&mut r, 5).await.unwrap(),
-            Some((7, b"hello".to_vec()))
+            read_frame(&mut r, 5, None).await.unwrap(),
+            Read::Frame(7, b"hello".to_vec())
         );
         assert_eq!(
-            read_frame(&mut r, 5).await.unwrap(),
-            Some((u64::MAX, vec![]))
+            read_frame(&mut r, 5, None).await.unwrap(),
+            Read::Frame(u64::MAX, vec![])
         );
-        assert_eq!(read_frame(&mut r, 5).await.unwrap(), None);
+        assert_eq!(read_frame(&mut r, 5, None).await.unwrap(), Read::End);
 
         // Over the cap: refused before the body is read.
-        let mut r = futures::io::Cursor::new(buf.clone());
-        let e = read_frame(&mut r, 4).await.unwrap_err();
+        let e = read(&buf, 4).await.unwrap_err();
         assert_eq!(e.kind(), io::ErrorKind::InvalidData);
 
         // A length shorter than the id, and a stream cut inside a frame.
         let mut short = 3u32.to_be_bytes().to_vec();
         short.extend_from_slice(&[0; 8]);
-        let e = read_frame(&mut futures::io::Cursor::new(short), 100)
-            .await
-            .unwrap_err();
+        let e = read(&short, 100).await.unwrap_err();
         assert_eq!(e.kind(), io::ErrorKind::InvalidData);
-        let e = read_frame(&mut futures::io::Cursor::new(buf[..10].to_vec()), 100)
+        for cut in [2, 10, 14] {
+            let e = read(&buf[..cut], 100).await.unwrap_err();
+            assert_eq!(e.kind(), io::ErrorKind::UnexpectedEof, "cut at {cut}");
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn waits_for_a_first_byte_then_for_the_rest_within_the_frame_timeout() {
+        // Nothing comes: idle, and nothing consumed (the next frame still reads whole).
+        let (tx, mut rx) = futures::channel::mpsc::unbounded::<io::Result<Vec<u8>>>();
+        let mut r = (&mut rx).into_async_read();
+        let idle = read_frame(&mut r, 10, Some(Duration::from_secs(1))).await;
+        assert_eq!(idle.unwrap(), Read::Idle);
+        let mut f = Vec::new();
+        put_frame(&mut f, 3, b"abc");
+        tx.unbounded_send(Ok(f.clone())).unwrap();
+        assert_eq!(
+            read_frame(&mut r, 10, Some(Duration::from_secs(1)))
+                .await
+                .unwrap(),
+            Read::Frame(3, b"abc".to_vec())
+        );
+        // A frame that begins and stalls: timed out.
+        tx.unbounded_send(Ok(f[..6].to_vec())).unwrap();
+        let e = read_frame(&mut r, 10, Some(Duration::from_secs(1)))
             .await
             .unwrap_err();
-        assert_eq!(e.kind(), io::ErrorKind::UnexpectedEof);
-        let e = read_frame(&mut futures::io::Cursor::new(buf[..2].to_vec()), 100)
-            .await
-            .unwrap_err();
-        assert_eq!(e.kind(), io::ErrorKind::UnexpectedEof);
+        assert_eq!(e.kind(), io::ErrorKind::TimedOut);
+    }
+
+    #[test]
+    fn a_refused_protocol_is_told_from_other_errors() {
+        assert!(refused_protocol(&io::Error::other(
+            NegotiationError::Failed
+        )));
+        assert!(!refused_protocol(&io::Error::from(
+            io::ErrorKind::UnexpectedEof
+        )));
+        assert!(!refused_protocol(&io::Error::other("reset")));
     }
 }
