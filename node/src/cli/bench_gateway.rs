@@ -59,8 +59,10 @@ pub struct GatewayArgs {
     #[arg(long, default_value_t = 640)]
     tasks: usize,
     /// Paid tasks each client runs before the loaded run is measured (its connection, the
-    /// nodes' caches and memory reach their steady state); not counted.
-    #[arg(long, default_value_t = 5)]
+    /// nodes' caches and memory reach their steady state); not counted. With 5 per client
+    /// the resident set still grew by ~130 MiB during the loaded run; with 50 it grows by
+    /// 0–30 MiB (the output's "memory during the loaded run" line shows it).
+    #[arg(long, default_value_t = 50)]
     warmup_per_client: usize,
     /// Paid tasks run one after another by one client (the unloaded p50).
     #[arg(long, default_value_t = 50)]
@@ -156,6 +158,11 @@ struct Numbers {
     loaded_p99_ms: f64,
     loaded_tasks_per_s: f64,
     loaded_cpu_ms_per_task: f64,
+    /// Minor page faults per paid task during the loaded run (memory still growing shows
+    /// here: the run is not yet in its steady state).
+    loaded_minor_faults_per_task: f64,
+    /// How much the peak resident set grew during the loaded run.
+    loaded_peak_rss_growth_mib: f64,
     loaded_ok: usize,
     loaded_failed: usize,
     warmup_failed: usize,
@@ -366,7 +373,7 @@ pub async fn gateway(args: GatewayArgs) -> anyhow::Result<()> {
         }));
     }
     warmed.wait().await;
-    let cpu_before = process_cpu()?;
+    let before = process_usage()?;
     let started = Instant::now();
     let mut lat = Vec::new();
     for h in handles {
@@ -376,9 +383,14 @@ pub async fn gateway(args: GatewayArgs) -> anyhow::Result<()> {
         n.warmup_failed += w;
     }
     let elapsed = started.elapsed();
-    let cpu = process_cpu()?.saturating_sub(cpu_before);
+    let after = process_usage()?;
+    let cpu = after.cpu.saturating_sub(before.cpu);
     n.loaded_ok = lat.len();
     n.loaded_cpu_ms_per_task = ms(cpu) / lat.len().max(1) as f64;
+    n.loaded_minor_faults_per_task =
+        after.minor_faults.saturating_sub(before.minor_faults) as f64 / lat.len().max(1) as f64;
+    n.loaded_peak_rss_growth_mib =
+        after.max_rss_kib.saturating_sub(before.max_rss_kib) as f64 / 1024.0;
     n.loaded_p50_ms = ms(percentile(&lat, 0.5));
     n.loaded_p99_ms = ms(percentile(&lat, 0.99));
     n.loaded_tasks_per_s = lat.len() as f64 / elapsed.as_secs_f64();
@@ -437,6 +449,10 @@ pub async fn gateway(args: GatewayArgs) -> anyhow::Result<()> {
             n.loaded_cpu_ms_per_task, cores, cores
         );
         println!(
+            "  memory during the loaded run: peak resident set +{:.0} MiB, {:.1} minor page faults per paid task",
+            n.loaded_peak_rss_growth_mib, n.loaded_minor_faults_per_task
+        );
+        println!(
             "floor: bare axum request p50 {:.3} ms ({:.0} req/s with {} clients); bare libp2p request-response round trip p50 {:.3} ms",
             n.floor_axum_p50_ms, n.floor_axum_loaded_req_per_s, args.clients, n.floor_rr_p50_ms
         );
@@ -448,9 +464,19 @@ pub async fn gateway(args: GatewayArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// CPU time (user and system) this process has used so far, over all its threads: every
-/// party of the benchmark runs in it.
-fn process_cpu() -> anyhow::Result<Duration> {
+/// What this process has used so far, over all its threads (every party of the benchmark
+/// runs in it).
+#[derive(Debug, Clone, Copy)]
+struct Usage {
+    /// CPU time, user and system.
+    cpu: Duration,
+    /// Page faults served without I/O (first touches of new memory, among others).
+    minor_faults: u64,
+    /// The largest resident set so far, in KiB.
+    max_rss_kib: u64,
+}
+
+fn process_usage() -> anyhow::Result<Usage> {
     use nix::sys::{
         resource::{UsageWho, getrusage},
         time::TimeVal,
@@ -460,7 +486,11 @@ fn process_cpu() -> anyhow::Result<Duration> {
         Duration::from_secs(t.tv_sec().max(0) as u64)
             + Duration::from_micros(t.tv_usec().max(0) as u64)
     };
-    Ok(time(usage.user_time()) + time(usage.system_time()))
+    Ok(Usage {
+        cpu: time(usage.user_time()) + time(usage.system_time()),
+        minor_faults: usage.minor_page_faults().max(0) as u64,
+        max_rss_kib: usage.max_rss().max(0) as u64,
+    })
 }
 
 fn d402_node_now() -> anyhow::Result<u64> {
@@ -620,14 +650,24 @@ mod tests {
     use super::*;
 
     #[test]
-    fn process_cpu_counts_the_work_done() {
-        let before = process_cpu().unwrap();
+    fn process_usage_counts_the_work_done_and_the_memory_touched() {
+        let before = process_usage().unwrap();
         let start = Instant::now();
         let mut x = 0u64;
         while start.elapsed() < Duration::from_millis(50) {
             x = std::hint::black_box(x.wrapping_add(1));
         }
-        assert!(process_cpu().unwrap() > before);
+        // 64 MiB touched page by page: faults (the peak resident set may not grow, when a
+        // test running beside this one had a higher peak already).
+        let mut v = vec![0u8; 64 << 20];
+        for i in (0..v.len()).step_by(4096) {
+            v[i] = 1;
+        }
+        std::hint::black_box(&v);
+        let after = process_usage().unwrap();
+        assert!(after.cpu > before.cpu);
+        assert!(after.minor_faults > before.minor_faults);
+        assert!(after.max_rss_kib >= before.max_rss_kib);
     }
 
     #[test]
