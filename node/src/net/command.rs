@@ -281,6 +281,12 @@ impl NetHandle {
         self.request::<LeaseProto>(peer, addrs, request).await
     }
 
+    /// The node's pipes (tests drive them by hand).
+    #[cfg(test)]
+    pub(crate) fn pipes(&self) -> &Arc<Pipes> {
+        &self.pipes
+    }
+
     /// How many leases this node sent on pipes, and how many by request-response.
     pub fn lease_pipe_stats(&self) -> PipeStats {
         self.pipes.stats()

@@ -659,6 +659,117 @@ mod tests {
         assert_eq!(e.kind(), io::ErrorKind::TimedOut);
     }
 
+    /// A worker's pipe over real libp2p on loopback, driven frame by frame: a lease is
+    /// queued for the market service and answered on its id; a body that does not decode
+    /// is refused on its own id and the pipe goes on; a frame over the cap closes the pipe.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_worker_answers_each_frame_on_its_id_and_refuses_bad_ones() {
+        use crate::{
+            net::{self, NetConfig},
+            state::State,
+        };
+        use d402_protocol::{
+            Amount, Cid, PublicKey, Signed, SigningKey, TaskId, messages::Lease,
+            types::MESSAGE_VERSION,
+        };
+        use std::net::Ipv4Addr;
+
+        let start = |seed: u8, dir: &std::path::Path| {
+            let mut cfg = NetConfig::new(Ipv4Addr::LOCALHOST.into(), 0);
+            cfg.quic = false;
+            let state = State::open(dir).unwrap();
+            async move {
+                net::start(cfg, &SigningKey::from_bytes(&[seed; 32]), state)
+                    .await
+                    .unwrap()
+            }
+        };
+        let (wd, gd) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+        let worker = start(1, wd.path()).await;
+        let gateway = start(2, gd.path()).await;
+        let mut inbound = worker.handle().serve_market(8).await.unwrap();
+        let addr = worker.handle().listen_addrs().await.unwrap()[0].clone();
+        let wpeer = gateway.handle().connect(addr).await.unwrap();
+        let stream = gateway
+            .handle()
+            .pipes()
+            .control
+            .clone()
+            .open_stream(wpeer, PROTOCOL)
+            .await
+            .unwrap();
+        let (mut rd, mut wr) = stream.split();
+
+        let gkey = SigningKey::from_bytes(&[2; 32]);
+        let lease = Signed::sign(
+            Lease {
+                v: MESSAGE_VERSION,
+                task_id: TaskId([7; 16]),
+                worker: PublicKey(SigningKey::from_bytes(&[1; 32]).verifying_key().to_bytes()),
+                bid_cid: Cid::dag_cbor(b"bid"),
+                manifest_cid: Cid::dag_cbor(b"manifest"),
+                input: b"{}".to_vec(),
+                snapshot_cid: None,
+                price: Amount {
+                    asset: "local:USDC".into(),
+                    units: 10,
+                },
+                deadline: 1_700_000_030_000,
+                fencing_token: 1,
+            },
+            &gkey,
+        )
+        .unwrap();
+        let mut buf = Vec::new();
+        put_frame(&mut buf, 41, b"not a lease");
+        put_frame(&mut buf, 42, &LeaseProto::encode_request(&lease).unwrap());
+        wr.write_all(&buf).await.unwrap();
+        wr.flush().await.unwrap();
+
+        // The bad body: refused on its id.
+        let max = LeaseProto::RESPONSE_MAX;
+        let Read::Frame(id, body) = read_frame(&mut rd, max, None).await.unwrap() else {
+            panic!("no answer");
+        };
+        assert_eq!(id, 41);
+        assert!(matches!(
+            LeaseProto::decode_response(&body).unwrap(),
+            LeaseAck::Refused { reason } if reason.starts_with("bad_request")
+        ));
+        // The lease: handed to the service as sent by the gateway's peer, answered on 42.
+        let Some(Inbound::Lease {
+            peer,
+            request,
+            reply,
+        }) = inbound.recv().await
+        else {
+            panic!("no lease queued");
+        };
+        assert_eq!(peer, gateway.handle().local_peer_id());
+        assert_eq!(request, lease);
+        reply.send(LeaseAck::Accepted).unwrap();
+        let Read::Frame(id, body) = read_frame(&mut rd, max, None).await.unwrap() else {
+            panic!("no answer");
+        };
+        assert_eq!(id, 42);
+        assert_eq!(
+            LeaseProto::decode_response(&body).unwrap(),
+            LeaseAck::Accepted
+        );
+
+        // A frame over the cap: the worker closes the pipe without reading it.
+        let len = u32::try_from(LeaseProto::REQUEST_MAX + 9).unwrap();
+        let mut over = len.to_be_bytes().to_vec();
+        over.extend_from_slice(&43u64.to_be_bytes());
+        wr.write_all(&over).await.unwrap();
+        wr.flush().await.unwrap();
+        let end = read_frame(&mut rd, max, Some(Duration::from_secs(10))).await;
+        assert!(matches!(end, Ok(Read::End) | Err(_)), "{end:?}");
+
+        gateway.handle().shutdown().await;
+        worker.handle().shutdown().await;
+    }
+
     #[test]
     fn a_refused_protocol_is_told_from_other_errors() {
         assert!(refused_protocol(&io::Error::other(
