@@ -659,49 +659,27 @@ mod tests {
         assert_eq!(e.kind(), io::ErrorKind::TimedOut);
     }
 
-    /// A worker's pipe over real libp2p on loopback, driven frame by frame: a lease is
-    /// queued for the market service and answered on its id; a body that does not decode
-    /// is refused on its own id and the pipe goes on; a frame over the cap closes the pipe.
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn a_worker_answers_each_frame_on_its_id_and_refuses_bad_ones() {
-        use crate::{
-            net::{self, NetConfig},
-            state::State,
-        };
+    /// A node on loopback (TCP only) with the key of `seed`, its state in `dir`.
+    async fn node(seed: u8, dir: &std::path::Path) -> crate::net::Node {
+        let mut cfg = crate::net::NetConfig::new(std::net::Ipv4Addr::LOCALHOST.into(), 0);
+        cfg.quic = false;
+        let state = crate::state::State::open(dir).unwrap();
+        crate::net::start(
+            cfg,
+            &d402_protocol::SigningKey::from_bytes(&[seed; 32]),
+            state,
+        )
+        .await
+        .unwrap()
+    }
+
+    /// A lease signed by the key of `seed`.
+    fn signed_lease(seed: u8, token: u64) -> <LeaseProto as RrProtocol>::Request {
         use d402_protocol::{
             Amount, Cid, PublicKey, Signed, SigningKey, TaskId, messages::Lease,
             types::MESSAGE_VERSION,
         };
-        use std::net::Ipv4Addr;
-
-        let start = |seed: u8, dir: &std::path::Path| {
-            let mut cfg = NetConfig::new(Ipv4Addr::LOCALHOST.into(), 0);
-            cfg.quic = false;
-            let state = State::open(dir).unwrap();
-            async move {
-                net::start(cfg, &SigningKey::from_bytes(&[seed; 32]), state)
-                    .await
-                    .unwrap()
-            }
-        };
-        let (wd, gd) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
-        let worker = start(1, wd.path()).await;
-        let gateway = start(2, gd.path()).await;
-        let mut inbound = worker.handle().serve_market(8).await.unwrap();
-        let addr = worker.handle().listen_addrs().await.unwrap()[0].clone();
-        let wpeer = gateway.handle().connect(addr).await.unwrap();
-        let stream = gateway
-            .handle()
-            .pipes()
-            .control
-            .clone()
-            .open_stream(wpeer, PROTOCOL)
-            .await
-            .unwrap();
-        let (mut rd, mut wr) = stream.split();
-
-        let gkey = SigningKey::from_bytes(&[2; 32]);
-        let lease = Signed::sign(
+        Signed::sign(
             Lease {
                 v: MESSAGE_VERSION,
                 task_id: TaskId([7; 16]),
@@ -715,11 +693,104 @@ mod tests {
                     units: 10,
                 },
                 deadline: 1_700_000_030_000,
-                fencing_token: 1,
+                fencing_token: token,
             },
-            &gkey,
+            &SigningKey::from_bytes(&[seed; 32]),
         )
-        .unwrap();
+        .unwrap()
+    }
+
+    /// A gateway's pipe against a worker that answers by hand: an answer to no lease is
+    /// ignored, an answer that does not decode fails only its own lease, and the others
+    /// are routed to their callers by id, in the order they come.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_gateway_routes_answers_by_id_and_fails_only_a_bad_one() {
+        let (wd, gd) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+        let worker = node(1, wd.path()).await;
+        let gateway = node(2, gd.path()).await;
+        // The worker's side by hand: its market service is never registered.
+        let mut incoming = worker
+            .handle()
+            .pipes()
+            .control
+            .clone()
+            .accept(PROTOCOL)
+            .unwrap();
+        let addr = worker.handle().listen_addrs().await.unwrap()[0].clone();
+        let wpeer = gateway.handle().connect(addr).await.unwrap();
+        let by_hand = tokio::spawn(async move {
+            let (_, stream) = incoming.next().await.unwrap();
+            let (mut rd, mut wr) = stream.split();
+            let mut ids = Vec::new();
+            while ids.len() < 2 {
+                let Read::Frame(id, body) = read_frame(&mut rd, LeaseProto::REQUEST_MAX, None)
+                    .await
+                    .unwrap()
+                else {
+                    panic!("the pipe ended");
+                };
+                let token = LeaseProto::decode_request(&body)
+                    .unwrap()
+                    .body
+                    .fencing_token;
+                ids.push((token, id));
+            }
+            ids.sort();
+            // One to no lease first, then lease 2's, then one for lease 1 that does not decode.
+            let mut buf = answer_frame(999, &LeaseAck::Accepted);
+            buf.extend(answer_frame(ids[1].1, &LeaseAck::Accepted));
+            put_frame(&mut buf, ids[0].1, b"garbage");
+            wr.write_all(&buf).await.unwrap();
+            wr.flush().await.unwrap();
+            // Kept open until the test is done.
+            (rd, wr)
+        });
+        let pipes = gateway.handle().pipes().clone();
+        let first = {
+            let pipes = pipes.clone();
+            tokio::spawn(async move { pipes.request(wpeer, &signed_lease(2, 1)).await })
+        };
+        let second = pipes.request(wpeer, &signed_lease(2, 2)).await;
+        assert_eq!(second, Some(Ok(LeaseAck::Accepted)));
+        let first = first.await.unwrap();
+        assert!(
+            matches!(&first, Some(Err(RrError::Stream(m))) if m.starts_with("bad answer")),
+            "{first:?}"
+        );
+        assert_eq!(
+            pipes.stats(),
+            PipeStats {
+                on_pipes: 2,
+                by_request_response: 0
+            }
+        );
+        let _kept = by_hand.await.unwrap();
+        gateway.handle().shutdown().await;
+        worker.handle().shutdown().await;
+    }
+
+    /// A worker's pipe over real libp2p on loopback, driven frame by frame: a lease is
+    /// queued for the market service and answered on its id; a body that does not decode
+    /// is refused on its own id and the pipe goes on; a frame over the cap closes the pipe.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_worker_answers_each_frame_on_its_id_and_refuses_bad_ones() {
+        let (wd, gd) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+        let worker = node(1, wd.path()).await;
+        let gateway = node(2, gd.path()).await;
+        let mut inbound = worker.handle().serve_market(8).await.unwrap();
+        let addr = worker.handle().listen_addrs().await.unwrap()[0].clone();
+        let wpeer = gateway.handle().connect(addr).await.unwrap();
+        let stream = gateway
+            .handle()
+            .pipes()
+            .control
+            .clone()
+            .open_stream(wpeer, PROTOCOL)
+            .await
+            .unwrap();
+        let (mut rd, mut wr) = stream.split();
+
+        let lease = signed_lease(2, 1);
         let mut buf = Vec::new();
         put_frame(&mut buf, 41, b"not a lease");
         put_frame(&mut buf, 42, &LeaseProto::encode_request(&lease).unwrap());
