@@ -60,7 +60,9 @@ impl Shared {
             return Err(AlreadyRegistered);
         }
 
-        let (sender, receiver) = mpsc::channel(0);
+        // d402: upstream's channel(0) holds one stream; a second arriving before the
+        // acceptor took the first was dropped (two gateways opening lease pipes at once).
+        let (sender, receiver) = mpsc::channel(16);
         self.supported_inbound_protocols
             .insert(protocol.clone(), sender);
 
