@@ -123,14 +123,20 @@ impl MarketNode {
     }
 }
 
+/// Loopback TCP on `port` (0: any), no QUIC.
+pub fn loopback(port: u16) -> NetConfig {
+    NetConfig {
+        quic: false,
+        ..NetConfig::new(Ipv4Addr::LOCALHOST.into(), port)
+    }
+}
+
 pub async fn start_net(
     dir: &Path,
     seed: [u8; 32],
     port: u16,
 ) -> (Node, NetHandle, Multiaddr, State) {
-    let mut cfg = NetConfig::new(Ipv4Addr::LOCALHOST.into(), port);
-    cfg.quic = false;
-    start_net_with(dir, seed, cfg).await
+    start_net_with(dir, seed, loopback(port)).await
 }
 
 /// Opens the state in `dir`, waiting up to 2 s while a stopped node's last blocking task
@@ -195,15 +201,16 @@ pub async fn start_worker_with(
     runner: Runner,
     signing_seed: Option<[u8; 32]>,
 ) -> MarketNode {
-    start_worker_at(dir, cfg, runner, seed(), signing_seed, 0).await
+    start_worker_on(dir, cfg, runner, seed(), signing_seed, loopback(0)).await
 }
 
 /// A worker that neither opens nor accepts lease pipes (a node from before them): leases
 /// reach it by request-response.
 pub async fn start_worker_without_pipes(dir: &Path, cfg: WorkerConfig) -> MarketNode {
-    let mut net = NetConfig::new(Ipv4Addr::LOCALHOST.into(), 0);
-    net.quic = false;
-    net.lease_pipes = false;
+    let net = NetConfig {
+        lease_pipes: false,
+        ..loopback(0)
+    };
     start_worker_on(dir, cfg, runner(), seed(), None, net).await
 }
 
@@ -212,20 +219,7 @@ pub async fn start_worker_without_pipes(dir: &Path, cfg: WorkerConfig) -> Market
 pub async fn restart_worker(old: MarketNode, dir: &Path, cfg: WorkerConfig) -> MarketNode {
     let (seed, port) = (old.seed, old.port());
     old.stop().await;
-    start_worker_at(dir, cfg, runner(), seed, None, port).await
-}
-
-async fn start_worker_at(
-    dir: &Path,
-    cfg: WorkerConfig,
-    runner: Runner,
-    seed: [u8; 32],
-    signing_seed: Option<[u8; 32]>,
-    port: u16,
-) -> MarketNode {
-    let mut net = NetConfig::new(Ipv4Addr::LOCALHOST.into(), port);
-    net.quic = false;
-    start_worker_on(dir, cfg, runner, seed, signing_seed, net).await
+    start_worker_on(dir, cfg, runner(), seed, None, loopback(port)).await
 }
 
 async fn start_worker_on(
