@@ -107,6 +107,7 @@ pub struct Pipes {
     /// that a lease to a peer not connected goes by request-response, which dials it at
     /// the addresses given.
     connected: Mutex<HashSet<PeerId>>,
+    /// Peers sent leases by request-response until the time given (no pipe to them).
     fallback: Arc<Mutex<HashMap<PeerId, Instant>>>,
     /// Leases answered (or timed out) on a pipe, and leases left to request-response.
     on_pipes: AtomicU64,
@@ -126,12 +127,7 @@ impl std::fmt::Debug for Pipes {
 
 impl Drop for Pipes {
     fn drop(&mut self) {
-        if let Some(h) = self
-            .acceptor
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .take()
-        {
+        if let Some(h) = lock(&self.acceptor).take() {
             h.abort();
         }
     }
