@@ -3,9 +3,10 @@
 //! A signature covers `SIGNATURE_CONTEXT || len(domain) || domain || canonical(body)`, where
 //! the domain is fixed per message kind (see [`Signable::DOMAIN`]). A signature made for one
 //! kind therefore never verifies as another, even when the bodies happen to share bytes.
-//! Verification uses `verify_strict` (no small-order keys, no malleable signatures).
+//! Verification is ed25519-dalek's `verify_strict` (no small-order keys or commitments, no
+//! malleable signatures), computed by [`PublicKey::verify_strict`].
 
-use ed25519_dalek::{Signer, SigningKey};
+use ed25519_dalek::{SigningKey, ed25519::signature::MultipartSigner};
 use serde::{Deserialize, Serialize, de::DeserializeOwned};
 
 use crate::{
@@ -50,6 +51,13 @@ pub fn signing_input(domain: &str, body_bytes: &[u8]) -> Vec<u8> {
     input
 }
 
+/// [`signing_input`] in parts, without copying the body: `len` holds the domain's length
+/// byte.
+fn signing_parts<'a>(domain: &'a str, len: &'a [u8; 1], body_bytes: &'a [u8]) -> [&'a [u8]; 4] {
+    debug_assert!(domain.len() < 256, "domains are short constants");
+    [SIGNATURE_CONTEXT, len, domain.as_bytes(), body_bytes]
+}
+
 /// A body, the key that signed it and the signature.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Signed<T> {
@@ -66,7 +74,8 @@ impl<T: Signable> Signed<T> {
     pub fn sign(body: T, key: &SigningKey) -> Result<Self> {
         body.validate()?;
         let body_bytes = cbor::to_canonical(&body)?;
-        let signature = key.sign(&signing_input(T::DOMAIN, &body_bytes));
+        let len = [T::DOMAIN.len() as u8];
+        let signature = key.multipart_sign(&signing_parts(T::DOMAIN, &len, &body_bytes));
         Ok(Signed {
             body,
             signer: PublicKey(key.verifying_key().to_bytes()),
@@ -94,10 +103,13 @@ impl<T: Signable> Signed<T> {
 
     /// Verifies the signature over `body_bytes`, the body's canonical bytes.
     fn check_signature(&self, body_bytes: &[u8]) -> Result<()> {
-        let key = self.signer.verifying_key()?;
-        let sig = ed25519_dalek::Signature::from_bytes(&self.signature.0);
-        key.verify_strict(&signing_input(T::DOMAIN, body_bytes), &sig)
-            .map_err(|_| ProtocolError::BadSignature { domain: T::DOMAIN })
+        let len = [T::DOMAIN.len() as u8];
+        let parts = signing_parts(T::DOMAIN, &len, body_bytes);
+        if self.signer.verify_strict(&parts, &self.signature)? {
+            Ok(())
+        } else {
+            Err(ProtocolError::BadSignature { domain: T::DOMAIN })
+        }
     }
 
     /// Checks that `expected` signed it, then verifies.
@@ -187,6 +199,27 @@ mod tests {
         const DOMAIN: &'static str = "d402/test-note/1";
         const KIND: &'static str = "note";
         const MAX_BODY: usize = 4096;
+    }
+
+    #[test]
+    fn a_signature_covers_exactly_the_signing_input() {
+        let key = SigningKey::from_bytes(&[3; 32]);
+        let body = Note {
+            v: 1,
+            text: "parts".into(),
+            data: vec![1, 2, 3],
+        };
+        let signed = Signed::sign(body.clone(), &key).unwrap();
+        let input = signing_input(Note::DOMAIN, &cbor::to_canonical(&body).unwrap());
+        let sig = ed25519_dalek::Signature::from_bytes(&signed.signature.0);
+        key.verifying_key().verify_strict(&input, &sig).unwrap();
+        assert!(
+            signed
+                .signer
+                .verify_strict(&[input.as_slice()], &signed.signature)
+                .unwrap()
+        );
+        signed.verify().unwrap();
     }
 
     #[test]
