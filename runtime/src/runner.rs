@@ -9,17 +9,24 @@ use std::{
 
 use d402_capabilities::{Manifest, SnapshotterKind};
 use d402_protocol::{Cid, messages::MAX_INPUT};
+use tracing::Instrument;
 
 use crate::{
     chromium::ChromiumSnapshotter,
     executor::{
-        ExecError, Executor, RunLimits, TrapReason,
+        ExecError, Executor, Outcome, RunLimits, TrapReason,
         abi::{SnapshotInput, encode_input},
     },
     fetch::FetchSnapshotter,
     grants::{GrantError, Grants},
     snapshot::{Snapshot, SnapshotError, snapshotter_name},
 };
+
+/// Fuel a run may spend on the async thread that asked for it (about a millisecond of
+/// guest code on this project's machines) before it is moved to the blocking pool, where
+/// it starts again with its whole budget. Most small capabilities end within it and skip
+/// the two thread hand-offs of the pool; a long run pays at most this much twice.
+pub const INLINE_FUEL: u64 = 1_000_000;
 
 /// Why a run produced no output.
 #[derive(Debug, thiserror::Error)]
@@ -173,7 +180,18 @@ impl Runner {
         given: Option<GivenSnapshot<'_>>,
     ) -> Result<RunOutput, RunError> {
         let span = tracing::info_span!("capability_run", capability = %manifest.capability(), cid = %manifest.implementation.cid);
-        let _e = span.enter();
+        self.run_in_span(manifest, wasm, input, given)
+            .instrument(span)
+            .await
+    }
+
+    async fn run_in_span(
+        &self,
+        manifest: &Manifest,
+        wasm: &[u8],
+        input: &[u8],
+        given: Option<GivenSnapshot<'_>>,
+    ) -> Result<RunOutput, RunError> {
         let started = Instant::now();
         let wall = Duration::from_millis(manifest.limits.wall_time_ms);
         // 1. Grants, before any work.
@@ -239,11 +257,26 @@ impl Runner {
             wall_time: remaining,
             ..RunLimits::from(&manifest.limits)
         };
-        let executor = self.executor.clone();
         let wasm_started = Instant::now();
-        let outcome = tokio::task::spawn_blocking(move || executor.run(&module, &buf, &limits))
-            .await
-            .map_err(|e| RunError::Input(format!("run task failed: {e}")))??;
+        // First on this thread with at most `INLINE_FUEL`: a run that ends within it costs
+        // no thread hop. One that needs more is run again, whole, on the blocking pool (a
+        // run is deterministic and has no effects, so the first attempt changes nothing).
+        let inline = RunLimits {
+            fuel: limits.fuel.min(INLINE_FUEL),
+            ..limits
+        };
+        let outcome = match self.executor.run(&module, &buf, &inline)? {
+            Outcome::Trap {
+                reason: TrapReason::OutOfFuel,
+                ..
+            } if limits.fuel > inline.fuel => {
+                let executor = self.executor.clone();
+                tokio::task::spawn_blocking(move || executor.run(&module, &buf, &limits))
+                    .await
+                    .map_err(|e| RunError::Input(format!("run task failed: {e}")))??
+            }
+            done => done,
+        };
         let wasm_time = wasm_started.elapsed();
         let fuel = outcome.fuel_used();
         match outcome.into_output() {

@@ -13,8 +13,8 @@ use std::{
 use d402_capabilities::{Manifest, SnapshotterKind};
 use d402_runtime::{
     ChromiumConfig, ChromiumSnapshotter, ExecError, Executor, ExecutorConfig, FetchConfig,
-    FetchSnapshotter, GivenSnapshot, GrantError, Grants, RunError, Runner, SnapshotError,
-    Snapshotters, TrapReason, UrlPolicy,
+    FetchSnapshotter, GivenSnapshot, GrantError, Grants, RunError, RunLimits, Runner,
+    SnapshotError, Snapshotters, TrapReason, UrlPolicy, runner::INLINE_FUEL,
 };
 use tokio::{
     io::{AsyncReadExt, AsyncWriteExt},
@@ -228,6 +228,56 @@ async fn missing_browser_falls_back_to_fetch_only_when_allowed_and_says_so() {
         .unwrap_err();
     assert!(
         matches!(err, RunError::Snapshot(ref e) if e.is_policy()),
+        "{err}"
+    );
+}
+
+/// A run that needs more than [`INLINE_FUEL`] starts on the calling thread, runs out there,
+/// and is run again whole on the blocking pool: same output and fuel as one run with the
+/// whole budget, and a budget that runs out is reported whole, not at the inline cap.
+#[tokio::test]
+async fn a_run_longer_than_the_inline_budget_is_run_again_with_its_whole_budget() {
+    let r = runner(Grants::default(), None, false);
+    let body = "<p>many words</p>".repeat(10_000);
+    let given = || {
+        Some(GivenSnapshot {
+            final_url: "https://pinned.example/",
+            body: body.as_bytes(),
+        })
+    };
+    let input = br#"{"url":"https://pinned.example/"}"#;
+    let wasm = example("page_to_markdown.wasm");
+    let out = r.run(&manifest(), &wasm, input, given()).await.unwrap();
+    assert!(out.fuel_used > INLINE_FUEL, "{}", out.fuel_used);
+
+    // The same run straight on the executor, with the whole budget.
+    let m = manifest();
+    let module = r.executor().prepare(&m.implementation.cid, &wasm).unwrap();
+    let buf = d402_runtime::executor::abi::encode_input(
+        input,
+        Some(d402_runtime::executor::abi::SnapshotInput {
+            final_url: "https://pinned.example/",
+            body: body.as_bytes(),
+        }),
+    )
+    .unwrap();
+    let direct = r
+        .executor()
+        .run(&module, &buf, &RunLimits::from(&m.limits))
+        .unwrap();
+    assert_eq!(direct.into_output().unwrap(), (out.output, out.fuel_used));
+
+    let mut short = manifest();
+    short.limits.fuel = 3 * INLINE_FUEL;
+    let err = r.run(&short, &wasm, input, given()).await.unwrap_err();
+    assert!(
+        matches!(
+            err,
+            RunError::Trap {
+                reason: TrapReason::OutOfFuel,
+                fuel_used
+            } if fuel_used == 3 * INLINE_FUEL
+        ),
         "{err}"
     );
 }
