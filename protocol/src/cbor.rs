@@ -23,7 +23,23 @@ pub const MAX_DEPTH: usize = 64;
 pub const CID_TAG: u64 = 42;
 
 /// Encodes `value` canonically.
+///
+/// ciborium writes the value directly (struct fields in declaration order) and the maps are
+/// then put in canonical order ([`crate::cbor_reorder`]); what that pass does not handle
+/// (floats, other tags, indefinite lengths, …) takes the general path through a
+/// [`Value`] tree, which gives the same bytes or the error.
 pub fn to_canonical<T: Serialize + ?Sized>(value: &T) -> Result<Vec<u8>> {
+    if let Ok(direct) = to_local(value)
+        && let Ok(out) = crate::cbor_reorder::reorder(&direct)
+    {
+        return Ok(out);
+    }
+    to_canonical_via_value(value)
+}
+
+/// [`to_canonical`] through a [`Value`] tree: the general path (and the reference the fast
+/// path is tested against).
+pub fn to_canonical_via_value<T: Serialize + ?Sized>(value: &T) -> Result<Vec<u8>> {
     let value = Value::serialized(value).map_err(|e| ProtocolError::Encode(e.to_string()))?;
     let value = canonicalize(value, 0)?;
     let mut out = Vec::with_capacity(128);

@@ -24,6 +24,7 @@
 //! ```
 
 pub mod cbor;
+mod cbor_reorder;
 pub mod content_id;
 pub mod error;
 pub mod keys;
