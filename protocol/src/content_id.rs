@@ -94,12 +94,29 @@ impl Cid {
         self.0.to_bytes()
     }
 
+    /// The binary form written into `buf` after `skip` bytes, without allocating: the
+    /// written part of `buf` (`skip` bytes, then the form). A checked CID (v1, a codec of
+    /// two varint bytes at most, a 32-byte sha2-256 multihash) takes at most 37 bytes; a
+    /// form that does not fit falls back to [`Cid::to_bytes`].
+    fn write_into<'a>(&self, buf: &'a mut [u8; BINARY_BUF], skip: usize) -> Binary<'a> {
+        let (_, rest) = buf.split_at_mut(skip);
+        match self.0.write_bytes(&mut rest[..]) {
+            Ok(n) => Binary::Inline(&buf[..skip + n]),
+            Err(_) => {
+                let mut v = vec![0; skip];
+                v.extend_from_slice(&self.0.to_bytes());
+                Binary::Heap(v)
+            }
+        }
+    }
+
     /// Parses the binary form, accepting only CIDv1 / sha2-256 / dag-cbor or raw.
     pub fn from_bytes(bytes: &[u8]) -> Result<Cid> {
         let inner =
             cid::Cid::try_from(bytes).map_err(|e| ProtocolError::InvalidCid(e.to_string()))?;
         let cid = Self::check(inner)?;
-        if cid.to_bytes() != bytes {
+        let mut buf = [0; BINARY_BUF];
+        if cid.write_into(&mut buf, 0).as_slice() != bytes {
             return Err(ProtocolError::InvalidCid("non-minimal binary form".into()));
         }
         Ok(cid)
@@ -121,6 +138,24 @@ impl Cid {
             ));
         }
         Ok(Cid(inner))
+    }
+}
+
+/// Room for a checked CID's binary form and a link's leading zero byte.
+const BINARY_BUF: usize = 48;
+
+/// A binary form written by [`Cid::write_into`].
+enum Binary<'a> {
+    Inline(&'a [u8]),
+    Heap(Vec<u8>),
+}
+
+impl Binary<'_> {
+    fn as_slice(&self) -> &[u8] {
+        match self {
+            Binary::Inline(b) => b,
+            Binary::Heap(v) => v,
+        }
     }
 }
 
@@ -158,11 +193,11 @@ impl Serialize for Cid {
         if serializer.is_human_readable() {
             serializer.collect_str(self)
         } else {
-            let mut bytes = Vec::with_capacity(40);
-            bytes.push(0);
-            bytes.extend_from_slice(&self.to_bytes());
-            ciborium::tag::Required::<serde_bytes::ByteBuf, { crate::cbor::CID_TAG }>(
-                serde_bytes::ByteBuf::from(bytes),
+            // The link's zero byte, then the binary form.
+            let mut buf = [0; BINARY_BUF];
+            let bytes = self.write_into(&mut buf, 1);
+            ciborium::tag::Required::<&serde_bytes::Bytes, { crate::cbor::CID_TAG }>(
+                serde_bytes::Bytes::new(bytes.as_slice()),
             )
             .serialize(serializer)
         }
@@ -190,6 +225,19 @@ impl<'de> Deserialize<'de> for Cid {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_link_encodes_as_tag_42_of_a_zero_byte_and_the_binary_form() {
+        for cid in [Cid::raw(b"x"), Cid::dag_cbor(b"y")] {
+            let mut want = vec![0xd8, 42, 0x58, 37, 0];
+            want.extend_from_slice(&cid.to_bytes());
+            assert_eq!(crate::cbor::to_canonical(&cid).unwrap(), want);
+            let back: Cid = crate::cbor::from_canonical(&want, 64, "cid").unwrap();
+            assert_eq!(back, cid);
+            let mut buf = [0; BINARY_BUF];
+            assert!(matches!(cid.write_into(&mut buf, 1), Binary::Inline(b) if b == &want[4..]));
+        }
+    }
 
     #[test]
     fn raw_and_dag_cbor_differ_and_verify() {
