@@ -644,7 +644,7 @@ pub fn capture_plan(rec: &TaskRecord, commission: &CommissionTerms) -> CapturePl
             .iter()
             .find(|b| b.bid_cid == lease.lease.body.bid_cid)
             .and_then(|b| b.bid.body.payout.get(&Chain::Local));
-        let (Some(wallet), Ok(claim_cid)) = (wallet, c.claim.cid()) else {
+        let (Some(wallet), Ok(claim_cid)) = (wallet, c.cid()) else {
             warn!(lease = %lease.lease_cid, "accepted claim without a local payout wallet: not paid");
             continue;
         };
@@ -1080,7 +1080,7 @@ pub fn task_body(
             .map(|c| {
                 serde_json::json!({
                     "worker": peer_of(&c.claim.body.lease_cid),
-                    "claim_cid": c.claim.cid().map(|c| c.to_string()).unwrap_or_default(),
+                    "claim_cid": c.cid().map(|c| c.to_string()).unwrap_or_default(),
                     "output_cid": c.claim.body.output_cid.to_string(),
                     "judgement": match c.judgement {
                         ClaimJudgement::Pending => "pending",

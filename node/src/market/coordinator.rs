@@ -1636,10 +1636,7 @@ impl Coordinator {
                 .record_in(txn, &claim.signer.0, outcome_of(judgement), now)?;
         }
         r.leases[li].status = LeaseStatus::Claimed;
-        r.claims.push(ClaimRec {
-            claim: claim.clone(),
-            judgement,
-        });
+        r.claims.push(ClaimRec::new(claim.clone(), judgement));
         r.updated_at = now;
         Ok(judgement)
     }

@@ -217,12 +217,43 @@ pub enum ClaimJudgement {
 }
 
 /// A claim received.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct ClaimRec {
     /// The signed claim.
     pub claim: Signed<Claim>,
     /// How it was judged.
     pub judgement: ClaimJudgement,
+    /// The claim's CID once computed (not stored: a record's settlement and its answer
+    /// both name every claim, and each CID costs an encoding of the envelope).
+    #[serde(skip)]
+    cid: std::sync::OnceLock<Cid>,
+}
+
+/// Equal when the claims and judgements are (whether a CID was computed is not compared).
+impl PartialEq for ClaimRec {
+    fn eq(&self, other: &Self) -> bool {
+        self.claim == other.claim && self.judgement == other.judgement
+    }
+}
+
+impl ClaimRec {
+    /// A claim just received, judged so.
+    pub fn new(claim: Signed<Claim>, judgement: ClaimJudgement) -> Self {
+        ClaimRec {
+            claim,
+            judgement,
+            cid: std::sync::OnceLock::new(),
+        }
+    }
+
+    /// The claim's CID (the `dag-cbor` CID of its envelope), computed once.
+    pub fn cid(&self) -> Result<Cid, d402_protocol::ProtocolError> {
+        if let Some(c) = self.cid.get() {
+            return Ok(*c);
+        }
+        let c = self.claim.cid()?;
+        Ok(*self.cid.get_or_init(|| c))
+    }
 }
 
 /// A task as the gateway persists it.
@@ -520,5 +551,42 @@ impl Tasks {
             }
             Ok(out)
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use d402_protocol::SigningKey;
+
+    use super::*;
+
+    #[test]
+    fn a_claim_records_cid_is_its_envelopes_and_is_neither_stored_nor_compared() {
+        let output = b"out".to_vec();
+        let claim = Claim {
+            v: 1,
+            task_id: TaskId([1; 16]),
+            lease_cid: Cid::dag_cbor(b"lease"),
+            fencing_token: 1,
+            output_cid: Cid::raw(&output),
+            output,
+            snapshot_cid: None,
+            snapshot: None,
+            fuel_used: 10,
+            finished_at: 1_700_000_000_000,
+        };
+        let signed = Signed::sign(claim, &SigningKey::from_bytes(&[5; 32])).unwrap();
+        let rec = ClaimRec::new(signed.clone(), ClaimJudgement::Accepted);
+        let fresh = rec.clone();
+        assert_eq!(rec.cid().unwrap(), signed.cid().unwrap());
+        assert_eq!(rec.cid().unwrap(), signed.cid().unwrap(), "cached");
+        assert_eq!(rec, fresh, "a computed CID does not make records differ");
+        let bytes = crate::state::encode("tasks", &rec).unwrap();
+        let back: ClaimRec = crate::state::decode("tasks", &bytes, 1 << 20).unwrap();
+        assert_eq!(back, rec);
+        assert_eq!(crate::state::encode("tasks", &back).unwrap(), bytes);
+        assert_eq!(back.cid().unwrap(), signed.cid().unwrap());
     }
 }
