@@ -55,8 +55,9 @@ pub struct GatewayArgs {
     /// Concurrent clients in the loaded run.
     #[arg(long, default_value_t = 64)]
     clients: usize,
-    /// Paid tasks in the loaded run (spread over the clients).
-    #[arg(long, default_value_t = 640)]
+    /// Paid tasks in the loaded run (spread over the clients). Fewer make a run of well
+    /// under a second, in which the clients' start and end weigh on the rate.
+    #[arg(long, default_value_t = 3000)]
     tasks: usize,
     /// Paid tasks each client runs before the loaded run is measured (its connection, the
     /// nodes' caches and memory reach their steady state); not counted. With 5 per client
@@ -65,10 +66,10 @@ pub struct GatewayArgs {
     #[arg(long, default_value_t = 50)]
     warmup_per_client: usize,
     /// Paid tasks run one after another by one client (the unloaded p50).
-    #[arg(long, default_value_t = 50)]
+    #[arg(long, default_value_t = 200)]
     sequential: usize,
     /// Samples of each floor measurement.
-    #[arg(long, default_value_t = 500)]
+    #[arg(long, default_value_t = 100)]
     floor_samples: usize,
     /// The coordinator's provider lookup timeout per task, in ms (the lookup runs to
     /// completion or to this timeout before bids are asked).
