@@ -162,9 +162,9 @@ impl FetchSnapshotter {
     /// Fetches `url` under the policy and the limits.
     pub async fn snapshot(&self, url: &str) -> Result<Snapshot, SnapshotError> {
         let span = tracing::info_span!("snapshot_fetch", url = %url);
-        let _e = span.enter();
         let total = self.config.total_timeout;
-        match tokio::time::timeout(total, self.snapshot_inner(url)).await {
+        let fetch = tracing::Instrument::instrument(self.snapshot_inner(url), span);
+        match tokio::time::timeout(total, fetch).await {
             Ok(r) => r,
             Err(_) => Err(SnapshotError::Timeout(total)),
         }

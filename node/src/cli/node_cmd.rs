@@ -97,9 +97,12 @@ pub fn net_config(cfg: &NodeConfig) -> NetConfig {
 }
 
 async fn run_node(cfg: NodeConfig, exit_with_stdin: bool) -> anyhow::Result<()> {
-    let roles = cfg.roles();
     let span = tracing::info_span!("node", label = %cfg.label);
-    let _enter = span.enter();
+    tracing::Instrument::instrument(run_node_in_span(cfg, exit_with_stdin), span).await
+}
+
+async fn run_node_in_span(cfg: NodeConfig, exit_with_stdin: bool) -> anyhow::Result<()> {
+    let roles = cfg.roles();
     // A gateway on a rail this build cannot run still joins the network, and its HTTP port
     // refuses every paid request with `rail_unavailable` (see gateway::unavailable).
     let unavailable_rail = cfg

@@ -173,7 +173,10 @@ impl ChromiumSnapshotter {
     /// Loads `url` in a fresh browser and returns the rendered HTML.
     pub async fn snapshot(&self, url: &str) -> Result<Snapshot, SnapshotError> {
         let span = tracing::info_span!("snapshot_chromium", url = %url);
-        let _e = span.enter();
+        tracing::Instrument::instrument(self.snapshot_in_span(url), span).await
+    }
+
+    async fn snapshot_in_span(&self, url: &str) -> Result<Snapshot, SnapshotError> {
         let started = Instant::now();
         // Refuse what the policy refuses before starting anything.
         let checked = self.policy.resolve(url, self.resolver.as_ref()).await?;
