@@ -769,7 +769,7 @@ fn report(
 ) -> anyhow::Result<()> {
     let asset = Asset::local_usdc();
     let fmt = |u: u64| format!("{} {}", asset.format(u), asset.symbol);
-    let body = &outcome.body;
+    let body = outcome.body();
     let receipt = outcome
         .receipt
         .as_ref()

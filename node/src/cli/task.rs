@@ -13,7 +13,7 @@
 //!    this payer and the amount paid, its transfers adding up. Any other answer exits
 //!    non-zero with the gateway's JSON error on stdout.
 
-use std::{path::PathBuf, time::Duration};
+use std::{borrow::Cow, path::PathBuf, sync::OnceLock, time::Duration};
 
 use anyhow::{Context, bail};
 use clap::Args;
@@ -25,6 +25,7 @@ use d402_settlement::{
         X_PAYMENT_RESPONSE,
     },
 };
+use serde::Deserialize;
 use serde_json::{Map, Value, json};
 
 use super::{
@@ -125,13 +126,13 @@ fn run_task(a: RunArgs) -> anyhow::Result<()> {
         );
     }
     if a.json {
-        let mut body = outcome.body.clone();
+        let mut body = outcome.body().clone();
         if let Some(obj) = body.as_object_mut() {
             obj.insert("receipt_verified".into(), json!(outcome.receipt.is_some()));
         }
         println!("{}", serde_json::to_string_pretty(&body)?);
     } else {
-        println!("{}", output_text(&outcome.body)?);
+        println!("{}", output_text(outcome.body())?);
     }
     eprintln!("{}", outcome.summary());
     Ok(())
@@ -197,8 +198,8 @@ pub struct TaskOutcome {
     pub paid_units: u64,
     /// The answer to the paid request.
     pub response: Response,
-    /// Its JSON body (`Null` when not JSON).
-    pub body: Value,
+    /// Its JSON body, parsed when first asked for ([`TaskOutcome::body`]).
+    body: OnceLock<Value>,
     /// The settlement header, decoded.
     pub settlement: Option<SettlementResponse>,
     /// The verified receipt (present only when verified).
@@ -208,14 +209,21 @@ pub struct TaskOutcome {
 }
 
 impl TaskOutcome {
+    /// The answer's JSON body (`Null` when not JSON). Parsed on first use: a caller that
+    /// only checks the receipt (a benchmark's client) does not pay for the tree.
+    pub fn body(&self) -> &Value {
+        self.body
+            .get_or_init(|| serde_json::from_slice(&self.response.body).unwrap_or(Value::Null))
+    }
+
     /// Whether the gateway says the payment was refunded.
     pub fn refunded(&self) -> bool {
-        self.body.get("refunded").and_then(Value::as_bool) == Some(true)
+        self.body().get("refunded").and_then(Value::as_bool) == Some(true)
     }
 
     /// Lines for stderr: task, quorum, workers, split and receipt.
     pub fn summary(&self) -> String {
-        let b = &self.body;
+        let b = self.body();
         let asset = self
             .receipt
             .as_ref()
@@ -423,7 +431,6 @@ pub async fn pay_challenge(
         )
         .await?;
     let payer_address = d402_settlement::wallet::address(payer);
-    let json_body = serde_json::from_slice(&response.body).unwrap_or(Value::Null);
     let header_name = if options.x402_version == 1 {
         X_PAYMENT_RESPONSE
     } else {
@@ -442,7 +449,7 @@ pub async fn pay_challenge(
         challenge: challenge.terms.clone(),
         paid_units: challenge.amount,
         response,
-        body: json_body,
+        body: OnceLock::new(),
         settlement,
         receipt: None,
         payer: payer_address,
@@ -462,13 +469,24 @@ pub async fn pay_challenge(
     Ok(outcome)
 }
 
+/// The `task_id` of a JSON answer, read without building the whole tree (`None` when the
+/// answer is not JSON or has none).
+fn answer_task_id(body: &[u8]) -> Option<Cow<'_, str>> {
+    #[derive(Deserialize)]
+    struct TaskId<'a> {
+        #[serde(borrow, default)]
+        task_id: Option<Cow<'a, str>>,
+    }
+    serde_json::from_slice::<TaskId<'_>>(body).ok()?.task_id
+}
+
 /// Checks the verified receipt against what was asked and paid.
 fn check_receipt(
     outcome: &TaskOutcome,
     receipt: &d402_protocol::Signed<d402_protocol::messages::SettlementReceipt>,
 ) -> anyhow::Result<()> {
     let r = &receipt.body;
-    if let Some(task) = outcome.body.get("task_id").and_then(Value::as_str)
+    if let Some(task) = answer_task_id(&outcome.response.body)
         && r.task_id.to_string() != task
     {
         bail!(
@@ -507,6 +525,15 @@ fn check_receipt(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_answers_task_id_is_read_without_the_whole_tree() {
+        let answer = br##"{"status":"completed","result":{"markdown":"# t","n":[1,2]},"task_id":"bafy\u0041x","x":null}"##;
+        assert_eq!(answer_task_id(answer).as_deref(), Some("bafyAx"));
+        assert_eq!(answer_task_id(br#"{"status":"failed"}"#), None);
+        assert_eq!(answer_task_id(b"not json"), None);
+        assert_eq!(answer_task_id(br#"{"task_id":7}"#), None);
+    }
 
     #[test]
     fn inputs_merge_and_refuse_duplicates() {
