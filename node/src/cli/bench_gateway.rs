@@ -10,7 +10,9 @@
 //! which the client verifies.
 //!
 //! Reported: p50 of one client running tasks one after another (unloaded), p50/p99 and
-//! throughput with `--clients` concurrent clients, and in the same run the floor: p50 of a
+//! throughput with `--clients` concurrent clients (each taking the next task from a shared
+//! count, so that all of them are at work until the last tasks), and in the same run the
+//! floor: p50 of a
 //! bare axum request over the same client, p50 of a bare libp2p request-response round
 //! trip (TCP, noise, yamux, CBOR) between two minimal swarms, and their sum "one HTTP
 //! request plus three round trips", with the ratio.
@@ -83,6 +85,12 @@ pub struct GatewayArgs {
     /// request-response stream (`/d402/lease/1`), to compare.
     #[arg(long, default_value_t = true, action = clap::ArgAction::Set, value_name = "BOOL")]
     lease_pipes: bool,
+    /// Give each client a fixed share of `--tasks` instead of letting the clients take the
+    /// next task from a shared count. With fixed shares the clients that finish first stand
+    /// idle while the slowest finish theirs, so the end of the run has fewer than
+    /// `--clients` clients at work and counts towards the rate; kept to compare.
+    #[arg(long)]
+    fixed_shares: bool,
     /// Print the results as JSON.
     #[arg(long)]
     json: bool,
@@ -164,6 +172,9 @@ struct Numbers {
     loaded_minor_faults_per_task: f64,
     /// How much the peak resident set grew during the loaded run.
     loaded_peak_rss_growth_mib: f64,
+    /// When the first and the last client ran out of tasks, after the loaded run's start.
+    loaded_first_client_done_s: f64,
+    loaded_last_client_done_s: f64,
     loaded_ok: usize,
     loaded_failed: usize,
     warmup_failed: usize,
@@ -340,14 +351,20 @@ pub async fn gateway(args: GatewayArgs) -> anyhow::Result<()> {
         n.sequential_p50_ms, args.sequential
     );
 
-    // Loaded: --clients clients sharing --tasks tasks, measured once every client has run
-    // its warm-up tasks.
+    // Loaded: --clients clients running --tasks tasks, measured once every client has run
+    // its warm-up tasks. Each client takes the next task from a shared count, so all of
+    // them are at work until the last tasks are taken (or, with --fixed-shares, each runs
+    // its own share).
     let warmed = Arc::new(tokio::sync::Barrier::new(args.clients + 1));
+    let taken = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let start = Arc::new(std::sync::OnceLock::<Instant>::new());
     let mut handles = Vec::new();
     for (i, payer) in payers.iter().enumerate() {
         let share = args.tasks / args.clients + usize::from(i < args.tasks % args.clients);
         let (base, request, payer) = (base.clone(), request.clone(), payer.clone());
         let (warmup, warmed) = (args.warmup_per_client, warmed.clone());
+        let (taken, start, total, fixed) =
+            (taken.clone(), start.clone(), args.tasks, args.fixed_shares);
         handles.push(tokio::spawn(async move {
             let mut conn = Connection::new(base, Duration::from_secs(120));
             let mut warmup_failed = 0usize;
@@ -360,7 +377,16 @@ pub async fn gateway(args: GatewayArgs) -> anyhow::Result<()> {
             warmed.wait().await;
             let mut lat = Vec::with_capacity(share);
             let mut failed = 0usize;
-            for _ in 0..share {
+            let mut mine = 0usize;
+            let mut next = || {
+                mine += 1;
+                if fixed {
+                    mine <= share
+                } else {
+                    taken.fetch_add(1, std::sync::atomic::Ordering::Relaxed) < total
+                }
+            };
+            while next() {
                 let t = Instant::now();
                 match paid(&mut conn, &request, &payer, &options).await {
                     Ok(()) => lat.push(t.elapsed()),
@@ -370,19 +396,26 @@ pub async fn gateway(args: GatewayArgs) -> anyhow::Result<()> {
                     }
                 }
             }
-            (lat, failed, warmup_failed)
+            let done = start.get().map_or(Duration::ZERO, Instant::elapsed);
+            (lat, failed, warmup_failed, done)
         }));
     }
     warmed.wait().await;
     let before = process_usage()?;
     let started = Instant::now();
+    let _ = start.set(started);
     let mut lat = Vec::new();
+    let (mut first_done, mut last_done) = (Duration::MAX, Duration::ZERO);
     for h in handles {
-        let (l, f, w) = h.await?;
+        let (l, f, w, done) = h.await?;
         lat.extend(l);
         n.loaded_failed += f;
         n.warmup_failed += w;
+        first_done = first_done.min(done);
+        last_done = last_done.max(done);
     }
+    n.loaded_first_client_done_s = first_done.as_secs_f64();
+    n.loaded_last_client_done_s = last_done.as_secs_f64();
     let elapsed = started.elapsed();
     let after = process_usage()?;
     let cpu = after.cpu.saturating_sub(before.cpu);
@@ -443,6 +476,16 @@ pub async fn gateway(args: GatewayArgs) -> anyhow::Result<()> {
             n.loaded_failed,
             args.warmup_per_client,
             n.warmup_failed
+        );
+        println!(
+            "  the clients ran out of tasks {:.2}-{:.2} s after the start ({})",
+            n.loaded_first_client_done_s,
+            n.loaded_last_client_done_s,
+            if args.fixed_shares {
+                "a fixed share each"
+            } else {
+                "taken from a shared count"
+            }
         );
         let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
         println!(
