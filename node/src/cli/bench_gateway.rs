@@ -12,10 +12,9 @@
 //! Reported: p50 of one client running tasks one after another (unloaded), p50/p99 and
 //! throughput with `--clients` concurrent clients (each taking the next task from a shared
 //! count, so that all of them are at work until the last tasks), and in the same run the
-//! floor: p50 of a
-//! bare axum request over the same client, p50 of a bare libp2p request-response round
-//! trip (TCP, noise, yamux, CBOR) between two minimal swarms, and their sum "one HTTP
-//! request plus three round trips", with the ratio.
+//! floor: p50 of a bare axum request over the same client, p50 of a bare libp2p
+//! request-response round trip (TCP, noise, yamux, CBOR) between two minimal swarms, and
+//! their sum "one HTTP request plus three round trips", with the ratio.
 
 use std::{
     net::Ipv4Addr,

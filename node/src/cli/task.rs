@@ -469,15 +469,24 @@ pub async fn pay_challenge(
     Ok(outcome)
 }
 
-/// The `task_id` of a JSON answer, read without building the whole tree (`None` when the
-/// answer is not JSON or has none).
-fn answer_task_id(body: &[u8]) -> Option<Cow<'_, str>> {
+/// The `task_id` of the answer, read without building the whole tree when it can be
+/// (`None` when the answer is not JSON or has no string `task_id`).
+fn answer_task_id(outcome: &TaskOutcome) -> Option<Cow<'_, str>> {
     #[derive(Deserialize)]
     struct TaskId<'a> {
         #[serde(borrow, default)]
         task_id: Option<Cow<'a, str>>,
     }
-    serde_json::from_slice::<TaskId<'_>>(body).ok()?.task_id
+    match serde_json::from_slice::<TaskId<'_>>(&outcome.response.body) {
+        Ok(t) => t.task_id,
+        // Not JSON, a `task_id` that is not a string, or a key given twice: read as the
+        // tree reads it (the last of repeated keys counts).
+        Err(_) => outcome
+            .body()
+            .get("task_id")
+            .and_then(Value::as_str)
+            .map(Cow::Borrowed),
+    }
 }
 
 /// Checks the verified receipt against what was asked and paid.
@@ -486,7 +495,7 @@ fn check_receipt(
     receipt: &d402_protocol::Signed<d402_protocol::messages::SettlementReceipt>,
 ) -> anyhow::Result<()> {
     let r = &receipt.body;
-    if let Some(task) = answer_task_id(&outcome.response.body)
+    if let Some(task) = answer_task_id(outcome)
         && r.task_id.to_string() != task
     {
         bail!(
@@ -527,12 +536,34 @@ mod tests {
     use super::*;
 
     #[test]
-    fn the_answers_task_id_is_read_without_the_whole_tree() {
+    fn the_answers_task_id_is_read_as_the_tree_reads_it() {
+        let outcome = |body: &[u8]| TaskOutcome {
+            challenge: serde_json::from_value(
+                json!({"x402Version": 2, "resource": {"url": "http://gw/v1/tasks"}, "accepts": []}),
+            )
+            .unwrap(),
+            paid_units: 0,
+            response: Response {
+                status: http::StatusCode::OK,
+                headers: Default::default(),
+                body: body.to_vec().into(),
+            },
+            body: OnceLock::new(),
+            settlement: None,
+            receipt: None,
+            payer: String::new(),
+        };
+        let id = |body: &[u8]| answer_task_id(&outcome(body)).map(|c| c.into_owned());
         let answer = br##"{"status":"completed","result":{"markdown":"# t","n":[1,2]},"task_id":"bafy\u0041x","x":null}"##;
-        assert_eq!(answer_task_id(answer).as_deref(), Some("bafyAx"));
-        assert_eq!(answer_task_id(br#"{"status":"failed"}"#), None);
-        assert_eq!(answer_task_id(b"not json"), None);
-        assert_eq!(answer_task_id(br#"{"task_id":7}"#), None);
+        assert_eq!(id(answer).as_deref(), Some("bafyAx"));
+        assert_eq!(id(br#"{"status":"failed"}"#), None);
+        assert_eq!(id(b"not json"), None);
+        assert_eq!(id(br#"{"task_id":7}"#), None);
+        // A repeated key: the last counts, as in the tree.
+        assert_eq!(
+            id(br#"{"task_id":"a","task_id":"b"}"#).as_deref(),
+            Some("b")
+        );
     }
 
     #[test]
