@@ -279,6 +279,38 @@ impl State {
             .map_err(|e| self.group_error(e))
     }
 
+    /// [`State::write_combined`] for an async task: no thread waits for it
+    /// ([`GroupCommit::write_combined_async`]). Resolves once what `f` wrote is durable.
+    pub fn write_combined_async<R, E, F>(
+        &self,
+        f: F,
+    ) -> impl std::future::Future<Output = Result<Result<R, E>, StateError>> + Send + 'static
+    where
+        F: CombinedWrite<R, E>,
+        R: Send + 'static,
+        E: CombinedError + Send + 'static,
+    {
+        let written = self.group.write_combined_async(&self.db, f);
+        let me = self.clone();
+        async move { written.await.map_err(|e| me.group_error(e)) }
+    }
+
+    /// [`State::write_combined_deferred`] for an async task
+    /// ([`GroupCommit::write_combined_deferred_async`]).
+    pub fn write_combined_deferred_async<R, E, F>(
+        &self,
+        f: F,
+    ) -> impl std::future::Future<Output = Result<Deferred<R, E>, StateError>> + Send + 'static
+    where
+        F: CombinedWrite<R, E>,
+        R: Send + 'static,
+        E: CombinedError + Send + 'static,
+    {
+        let written = self.group.write_combined_deferred_async(&self.db, f);
+        let me = self.clone();
+        async move { written.await.map_err(|e| me.group_error(e)) }
+    }
+
     /// Runs `f` in one write transaction committed without waiting for the disk: what it
     /// wrote is visible at once and durable with the next durable commit. Whatever depends
     /// on it is acknowledged only after [`State::sync`] of the returned [`Ticket`]
@@ -332,6 +364,7 @@ impl State {
                 reason: e.to_string(),
             },
             GroupCommitError::Lost => StateError::Lost,
+            GroupCommitError::Thread(e) => StateError::Db(redb::Error::Io(e)),
         }
     }
 

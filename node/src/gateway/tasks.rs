@@ -55,7 +55,7 @@ use super::{
     policy::{Admitted, parse_task_request},
 };
 use crate::{
-    group_commit::CombinedError,
+    group_commit::{CombinedError, Deferred},
     market::{
         coordinator::{AcceptHook, HookFailed},
         now_ms,
@@ -380,72 +380,61 @@ async fn create_inner(
         let paid = paid.clone();
         let task = task.clone();
         let claim_key = claim_key.clone();
-        // `inline`: only if redb's write lock is free at once (`None` otherwise, nothing run).
-        let lock = move |inline: bool| {
-            // Owns what it writes: a combined write may run twice (`write_combined_deferred`).
-            let record = {
-                let (rail, idempotency, paid, verified, task, claim_key) = (
-                    rail.clone(),
-                    idempotency.clone(),
-                    paid.clone(),
-                    verified.clone(),
-                    task.clone(),
-                    claim_key.clone(),
-                );
-                move |txn: &redb::WriteTransaction| {
-                    if let Some(k) = &claim_key {
-                        match idempotency.claim_in(txn, k, hash, task_id) {
-                            Ok(Begin::New) => {}
-                            Ok(taken) => return Err(LockError::KeyTaken(taken)),
-                            Err(e) => return Err(LockError::Key(e)),
-                        }
+        // The write: owns what it writes, as a combined write may run twice.
+        let record = move || {
+            let (rail, idempotency, paid, verified, task, claim_key) = (
+                rail.clone(),
+                idempotency.clone(),
+                paid.clone(),
+                verified.clone(),
+                task.clone(),
+                claim_key.clone(),
+            );
+            move |txn: &redb::WriteTransaction| {
+                if let Some(k) = &claim_key {
+                    match idempotency.claim_in(txn, k, hash, task_id) {
+                        Ok(Begin::New) => {}
+                        Ok(taken) => return Err(LockError::KeyTaken(taken)),
+                        Err(e) => return Err(LockError::Key(e)),
                     }
-                    lock_and_record(txn, &rail, &paid, &verified, now, joint.then_some(&task))
-                        .map_err(LockError::Rail)
                 }
-            };
+                lock_and_record(txn, &rail, &paid, &verified, now, joint.then_some(&task))
+                    .map_err(LockError::Rail)
+            }
+        };
+        let deferred = |written: Result<Deferred<(), LockError>, StateError>| {
+            written
+                .map_err(|e| LockError::Rail(state_error("node", e)))
+                .and_then(|w| w.map(|((), ticket)| Some(ticket)))
+        };
+        if joint {
             // In the node's database (always in `d402 node`) the lock commits without
             // waiting for the disk: the leases go out at once, and the commit that settles
             // the task (durable, before the answer) persists the lock with it; the answer
             // waits for the ticket regardless (DECISIONS, "Deferred durability for a
-            // task's creation").
-            if joint {
-                let written = if inline {
-                    state.try_write_deferred(record).transpose()?
-                } else {
-                    // Under load: one transaction with the other writes queued meanwhile.
-                    state.write_combined_deferred(record)
-                };
-                Some(
-                    written
-                        .map_err(|e| LockError::Rail(state_error("node", e)))
-                        .and_then(|w| w.map(|((), ticket)| Some(ticket))),
-                )
-            } else {
-                let durable = || {
-                    let txn = rail.database().begin_write().map_err(RailError::from)?;
-                    record(&txn)?;
-                    txn.commit().map_err(RailError::from)?;
-                    Ok(None)
-                };
-                Some(durable())
+            // task's creation"). When redb's write lock is free at once, the commit costs
+            // less here than anywhere else; otherwise it joins the writes queued for the
+            // database's commit thread, in one transaction with them.
+            let inline = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                state.try_write_deferred(record()).transpose()
+            }))
+            .map_err(|_| internal("the payment lock panicked"))?;
+            match inline {
+                Some(written) => deferred(written),
+                None => deferred(state.write_combined_deferred_async(record()).await),
             }
-        };
-        // A deferred commit that finds redb's write lock free costs less here than a hop to
-        // the blocking pool and back; a durable one, or one that would wait for another
-        // writer (and its fsync), runs there.
-        let tried = if joint {
-            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| lock(true)))
-                .map_err(|_| internal("the payment lock panicked"))?
         } else {
-            None
-        };
-        match tried {
-            Some(locked) => locked,
-            None => tokio::task::spawn_blocking(move || lock(false))
-                .await
-                .map_err(internal)?
-                .ok_or_else(|| internal("the payment lock did not run"))?,
+            // The rail's own database: a durable commit, on the blocking pool.
+            let write = record();
+            let rail = app.rail.clone();
+            tokio::task::spawn_blocking(move || {
+                let txn = rail.database().begin_write().map_err(RailError::from)?;
+                write(&txn)?;
+                txn.commit().map_err(RailError::from)?;
+                Ok(None)
+            })
+            .await
+            .map_err(internal)?
         }
     };
     let mut ticket = None;

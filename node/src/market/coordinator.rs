@@ -1248,11 +1248,15 @@ impl Coordinator {
             if !claims.is_empty() {
                 // Kept only if this batch decided the task: a later batch changes the
                 // record (the driver reads it again then).
-                decided = self
-                    .blocking(move |c| Ok(c.record_and_ack(claims)))
-                    .await
-                    .ok()
-                    .and_then(|(_, done)| done);
+                let recorded = if inner.joint {
+                    Some(self.record_and_ack_async(claims).await)
+                } else {
+                    // The outcomes are written apart from the record, each durably.
+                    self.blocking(move |c| Ok(c.record_and_ack(claims)))
+                        .await
+                        .ok()
+                };
+                decided = recorded.and_then(|(_, done)| done);
             }
             results.extend(ready.into_iter().map(|(l, ack)| (l.lease_cid, ack)));
         }
@@ -1559,7 +1563,39 @@ impl Coordinator {
         &self,
         claims: Vec<(PeerId, Signed<Claim>)>,
     ) -> (Vec<ClaimAck>, Option<TaskRecord>) {
-        let (results, decided) = self.record_claims(&claims);
+        let recorded = self.record_claims(&claims);
+        self.acks(&claims, recorded)
+    }
+
+    /// [`Coordinator::record_and_ack`] from an async task, when the task's record and the
+    /// outcomes share the database (nothing else to write): the commit is queued for the
+    /// database's commit thread instead of holding a thread of the blocking pool.
+    async fn record_and_ack_async(
+        &self,
+        claims: Vec<(PeerId, Signed<Claim>)>,
+    ) -> (Vec<ClaimAck>, Option<TaskRecord>) {
+        let recorded = match self.claims_write(&claims) {
+            Some(w) => {
+                let written = self
+                    .inner
+                    .tasks
+                    .update_combined_async(w.task_id, w.apply)
+                    .await;
+                self.claims_recorded(&claims, w.checked, w.now, written)
+            }
+            None => (Vec::new(), None),
+        };
+        self.acks(&claims, recorded)
+    }
+
+    /// The acknowledgements of `claims`, recorded as `recorded` says (and their task's
+    /// waiters woken when one was).
+    fn acks(
+        &self,
+        claims: &[(PeerId, Signed<Claim>)],
+        recorded: ClaimsRecorded,
+    ) -> (Vec<ClaimAck>, Option<TaskRecord>) {
+        let (results, decided) = recorded;
         let mut acks = Vec::with_capacity(claims.len());
         let mut woken = false;
         for ((peer, claim), result) in claims.iter().zip(results) {
@@ -1644,11 +1680,20 @@ impl Coordinator {
     /// Records claims of one task in one transaction (combined with other tasks' writes
     /// under load: [`Tasks::update_combined`]); one result per claim, and the task's record
     /// if they decided it. Nothing is written when every claim is refused.
-    fn record_claims(
+    fn record_claims(&self, claims: &[(PeerId, Signed<Claim>)]) -> ClaimsRecorded {
+        let Some(w) = self.claims_write(claims) else {
+            return (Vec::new(), None);
+        };
+        let written = self.inner.tasks.update_combined(w.task_id, w.apply);
+        self.claims_recorded(claims, w.checked, w.now, written)
+    }
+
+    /// The commit of [`Coordinator::record_claims`], to be made by the caller (`None`: no
+    /// claims).
+    fn claims_write(
         &self,
         claims: &[(PeerId, Signed<Claim>)],
-    ) -> (Vec<Result<(), ClaimRefusal>>, Option<TaskRecord>) {
-        let inner = &self.inner;
+    ) -> Option<ClaimsWrite<impl ApplyClaims>> {
         let now = now_ms();
         // The codec verified each claim's signature when it decoded it (on `/d402/claim/1`
         // or inline in a lease's answer); it must be the sending peer's.
@@ -1659,15 +1704,33 @@ impl Coordinator {
                 _ => Err(ClaimRefusal::BadSignature),
             })
             .collect();
-        let Some(task_id) = claims.first().map(|(_, c)| c.body.task_id) else {
-            return (Vec::new(), None);
-        };
+        let task_id = claims.first().map(|(_, c)| c.body.task_id)?;
         let me = self.clone();
         let owned: Arc<[Signed<Claim>]> = claims.iter().map(|(_, c)| c.clone()).collect();
         let pre = checked.clone();
-        let written = inner.tasks.update_combined(task_id, move |txn, r| {
-            me.apply_claims(txn, r, &owned, pre.clone(), now)
-        });
+        Some(ClaimsWrite {
+            task_id,
+            checked,
+            now,
+            apply: move |txn: &redb::WriteTransaction, r: &mut TaskRecord| {
+                me.apply_claims(txn, r, &owned, pre.clone(), now)
+            },
+        })
+    }
+
+    /// What became of `claims` once their commit (`written`) returned.
+    fn claims_recorded(
+        &self,
+        claims: &[(PeerId, Signed<Claim>)],
+        checked: Vec<Result<ClaimJudgement, ClaimRefusal>>,
+        now: u64,
+        written: Result<Option<Applied>, Aborted>,
+    ) -> ClaimsRecorded {
+        let inner = &self.inner;
+        let task_id = match claims.first() {
+            Some((_, c)) => c.body.task_id,
+            None => return (Vec::new(), None),
+        };
         let (results, decided) = match written {
             Ok(Some(done)) => done,
             Ok(None) => {
@@ -1799,6 +1862,30 @@ impl Coordinator {
 
 /// What [`Coordinator::apply_claims`] computed: each claim's judgement or refusal, and the
 /// task's record with the judgements it made when the claims decided it.
+/// Each claim's outcome, and the task's record when they decided it.
+type ClaimsRecorded = (Vec<Result<(), ClaimRefusal>>, Option<TaskRecord>);
+
+/// What [`ClaimsWrite::apply`] is: [`Coordinator::apply_claims`] on the task's record.
+trait ApplyClaims:
+    FnMut(&redb::WriteTransaction, &mut TaskRecord) -> Result<Applied, Aborted> + Send + 'static
+{
+}
+
+impl<F> ApplyClaims for F where
+    F: FnMut(&redb::WriteTransaction, &mut TaskRecord) -> Result<Applied, Aborted> + Send + 'static
+{
+}
+
+/// The commit of a batch of claims ([`Coordinator::claims_write`]): `apply` on the task's
+/// record, in a combined write.
+struct ClaimsWrite<F> {
+    task_id: TaskId,
+    /// Each claim's check before the record is read.
+    checked: Vec<Result<ClaimJudgement, ClaimRefusal>>,
+    now: u64,
+    apply: F,
+}
+
 type Applied = (
     Vec<Result<ClaimJudgement, ClaimRefusal>>,
     Option<(TaskRecord, Vec<([u8; 32], ClaimJudgement)>)>,

@@ -342,6 +342,31 @@ pub struct Tasks {
     state: State,
 }
 
+/// The combined write of [`Tasks::update_combined`]: `f` on task `id`'s record as `txn`
+/// reads it, the record written back (`Ok(None)`: no such task).
+fn update_in<R, E, F>(
+    id: TaskId,
+    mut f: F,
+) -> impl FnMut(&WriteTransaction) -> Result<Option<R>, E> + Send + 'static
+where
+    F: FnMut(&WriteTransaction, &mut TaskRecord) -> Result<R, E> + Send + 'static,
+    R: Send + 'static,
+    E: From<StateError> + Send + 'static,
+{
+    move |txn| {
+        let mut t = txn.open_table(TASKS).map_err(StateError::from)?;
+        let mut rec: TaskRecord = match t.get(&id.0[..]).map_err(StateError::from)? {
+            Some(v) => decode("tasks", v.value(), MAX_TASK_RECORD)?,
+            None => return Ok(None),
+        };
+        let out = f(txn, &mut rec)?;
+        let bytes = encode("tasks", &rec)?;
+        t.insert(&id.0[..], bytes.as_slice())
+            .map_err(StateError::from)?;
+        Ok(Some(out))
+    }
+}
+
 impl Tasks {
     /// The table in `state`.
     pub fn new(state: State) -> Tasks {
@@ -477,24 +502,23 @@ impl Tasks {
     /// ([`State::write_combined`]): `f` may run twice (each time on the record as the
     /// transaction it is given reads it), so it owns what it needs and returns all it
     /// computes. `Ok(None)` when there is no such task.
-    pub fn update_combined<R, E, F>(&self, id: TaskId, mut f: F) -> Result<Option<R>, E>
+    pub fn update_combined<R, E, F>(&self, id: TaskId, f: F) -> Result<Option<R>, E>
     where
         F: FnMut(&WriteTransaction, &mut TaskRecord) -> Result<R, E> + Send + 'static,
         R: Send + 'static,
         E: From<StateError> + CombinedError + Send + 'static,
     {
-        self.state.write_combined(move |txn| {
-            let mut t = txn.open_table(TASKS).map_err(StateError::from)?;
-            let mut rec: TaskRecord = match t.get(&id.0[..]).map_err(StateError::from)? {
-                Some(v) => decode("tasks", v.value(), MAX_TASK_RECORD)?,
-                None => return Ok(None),
-            };
-            let out = f(txn, &mut rec)?;
-            let bytes = encode("tasks", &rec)?;
-            t.insert(&id.0[..], bytes.as_slice())
-                .map_err(StateError::from)?;
-            Ok(Some(out))
-        })?
+        self.state.write_combined(update_in(id, f))?
+    }
+
+    /// [`Tasks::update_combined`] for an async task ([`State::write_combined_async`]).
+    pub async fn update_combined_async<R, E, F>(&self, id: TaskId, f: F) -> Result<Option<R>, E>
+    where
+        F: FnMut(&WriteTransaction, &mut TaskRecord) -> Result<R, E> + Send + 'static,
+        R: Send + 'static,
+        E: From<StateError> + CombinedError + Send + 'static,
+    {
+        self.state.write_combined_async(update_in(id, f)).await?
     }
 
     /// Keeps the snapshot `task` pinned (committed before it returns).

@@ -35,11 +35,15 @@
 //! refuses before writing anything says so ([`CombinedError::untouched`]): the others
 //! commit as if it had not joined, and a batch of such refusals commits nothing.
 
+mod front;
+
 use std::{
     any::Any,
     collections::HashMap,
-    sync::{Condvar, Mutex, MutexGuard},
+    sync::{Arc, Condvar, Mutex, MutexGuard},
 };
+
+use front::Front;
 
 use redb::{Database, Durability, WriteTransaction};
 
@@ -61,6 +65,9 @@ pub enum GroupCommitError {
         "the combined transaction holding this write failed unexpectedly; its outcome is unknown"
     )]
     Lost,
+    /// The commit thread of asynchronous writes cannot be started.
+    #[error("cannot start the commit thread: {0}")]
+    Thread(std::io::Error),
 }
 
 #[derive(Debug, Default)]
@@ -132,6 +139,10 @@ trait Job: Send {
     fn into_any(self: Box<Self>) -> Box<dyn Any + Send>;
     /// Whether its writer waits for durability (a deferred write does not).
     fn durable(&self) -> bool;
+    /// Whether it ran and refused before writing anything ([`CombinedError::untouched`]).
+    fn untouched(&self) -> bool;
+    /// Whether it ran and succeeded.
+    fn succeeded(&self) -> bool;
 }
 
 struct Typed<F, R, E> {
@@ -179,6 +190,14 @@ where
     fn durable(&self) -> bool {
         self.durable
     }
+
+    fn untouched(&self) -> bool {
+        matches!(&self.out, Some(Err(e)) if e.untouched())
+    }
+
+    fn succeeded(&self) -> bool {
+        matches!(&self.out, Some(Ok(_)))
+    }
 }
 
 /// What became of a queued combined write.
@@ -214,12 +233,47 @@ impl std::fmt::Debug for Combining {
     }
 }
 
+/// A combined write's result and the ticket of the commit that holds it, from what became
+/// of it; a panic of the write is resumed on the caller's thread.
+fn unpack<F, R, E>(finished: Finished) -> Result<(Result<R, E>, Option<u64>), GroupCommitError>
+where
+    F: CombinedWrite<R, E>,
+    R: Send + 'static,
+    E: CombinedError + Send + 'static,
+{
+    let (job, ticket) = match finished {
+        Finished::Ran(job, ticket) => (job, ticket),
+        Finished::Failed(e) => return Err(e),
+    };
+    let Ok(job) = job.into_any().downcast::<Typed<F, R, E>>() else {
+        unreachable!("a combined write's result is of the type it was queued with");
+    };
+    if let Some(panic) = job.panic {
+        std::panic::resume_unwind(panic);
+    }
+    let Some(out) = job.out else {
+        unreachable!("a combined write that ran has a result");
+    };
+    Ok((out, ticket))
+}
+
 /// Makes grouped writes durable for one database. Share one per database.
 #[derive(Debug, Default)]
 pub struct GroupCommit {
     progress: Mutex<Progress>,
     synced: Condvar,
     combining: Mutex<Combining>,
+    /// The commit thread of asynchronous writes, once started ([`front`]).
+    front: Mutex<Option<Arc<Front>>>,
+}
+
+impl Drop for GroupCommit {
+    fn drop(&mut self) {
+        let front = self.front.get_mut().unwrap_or_else(|p| p.into_inner());
+        if let Some(front) = front.take() {
+            front.stop();
+        }
+    }
 }
 
 /// The writer running a combined transaction until dropped: then the batch's writes that
@@ -371,45 +425,43 @@ impl GroupCommit {
             c = self.combining();
         };
         drop(c);
-        let (job, ticket) = match finished {
-            Finished::Ran(job, ticket) => (job, ticket),
-            Finished::Failed(e) => return Err(e),
-        };
-        let Ok(job) = job.into_any().downcast::<Typed<F, R, E>>() else {
-            unreachable!("a combined write's result is of the type it was queued with");
-        };
-        if let Some(panic) = job.panic {
-            std::panic::resume_unwind(panic);
-        }
-        let Some(out) = job.out else {
-            unreachable!("a combined write that ran has a result");
-        };
-        Ok((out, ticket))
+        unpack::<F, R, E>(finished)
     }
 
     /// Runs a batch of combined writes, in one transaction or, when one of them fails or
     /// the database does, each in its own; each result goes to [`Combining::done`] as soon
     /// as it is known.
-    fn run_batch(&self, db: &Database, mut batch: Vec<(u64, Box<dyn Job>)>) {
-        // Each write's result as soon as it is known, its writer woken.
-        let finish = |id: u64, done: Finished| {
-            let mut c = self.combining();
-            c.done.insert(id, done);
-            if let Some(t) = c.waiting.get(&id) {
-                t.unpark();
-            }
-        };
+    fn run_batch(&self, db: &Database, batch: Vec<(u64, Box<dyn Job>)>) {
         // One write waiting for the disk with nothing else in progress: a plain durable
         // commit, as `write`.
         let alone = batch.len() == 1 && batch[0].1.durable() && {
             let p = self.progress();
             p.writers == 1 && !p.syncing
         };
-        match self.commit_together(db, &mut batch, alone) {
+        // Each write's result as soon as it is known, its writer woken.
+        self.run_jobs(db, batch, alone, |id, done| {
+            let mut c = self.combining();
+            c.done.insert(id, done);
+            if let Some(t) = c.waiting.get(&id) {
+                t.unpark();
+            }
+        });
+    }
+
+    /// Runs `batch` in one transaction (committed durably when `durable`) or, when one of
+    /// its writes fails or the database does, each write in its own (without durability);
+    /// hands each write's outcome to `finish` as soon as it is known.
+    fn run_jobs(
+        &self,
+        db: &Database,
+        mut batch: Vec<(u64, Box<dyn Job>)>,
+        durable: bool,
+        mut finish: impl FnMut(u64, Finished),
+    ) {
+        match self.commit_together(db, &mut batch, durable) {
             Ok(Some(ticket)) => {
-                let mut c = self.combining();
                 for (id, job) in batch {
-                    c.done.insert(id, Finished::Ran(job, ticket));
+                    finish(id, Finished::Ran(job, ticket));
                 }
                 return;
             }
@@ -1073,7 +1125,8 @@ mod tests {
     }
 
     /// The child of [`acknowledged_writes_survive_the_process_dying`]: grouped writes from
-    /// eight threads (half of them deferred, then synced), each acknowledged on stdout once
+    /// eight threads (half of them deferred, then synced) and four async tasks (the same,
+    /// through the commit thread), each acknowledged on stdout once
     /// `write` returns, then an abort (no destructor runs, nothing is flushed on the way
     /// out). Through the node's journal
     /// ([`crate::journal`]), with a small ring so that it wraps and is checkpointed while
@@ -1108,6 +1161,40 @@ mod tests {
                 })
             })
             .collect();
+        // And four async tasks through the commit thread, two of them deferred.
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .build()
+            .unwrap();
+        for i in 8..12u64 {
+            let (db, group, out) = (db.clone(), group.clone(), out.clone());
+            runtime.spawn(async move {
+                for j in 0..1_000u64 {
+                    let key = i * 10_000 + j;
+                    let insert = move |txn: &WriteTransaction| {
+                        txn.open_table(T)?.insert(key, j)?;
+                        Ok::<_, redb::Error>(())
+                    };
+                    if i % 2 == 0 {
+                        group
+                            .write_combined_async(&db, insert)
+                            .await
+                            .unwrap()
+                            .unwrap();
+                    } else {
+                        let ((), ticket) = group
+                            .write_combined_deferred_async(&db, insert)
+                            .await
+                            .unwrap()
+                            .unwrap();
+                        group.sync(&db, ticket).unwrap();
+                    }
+                    let mut o = out.lock().unwrap();
+                    writeln!(o, "ack {key}").unwrap();
+                    o.flush().unwrap();
+                }
+            });
+        }
         std::thread::sleep(std::time::Duration::from_millis(150));
         let _ = out.lock().map(|mut o| o.flush());
         drop(threads);
@@ -1135,6 +1222,10 @@ mod tests {
             acked.len() > 8,
             "too few writes acknowledged: {}",
             acked.len()
+        );
+        assert!(
+            acked.iter().any(|k| *k >= 80_000),
+            "no async write acknowledged"
         );
         // The journal is replayed on open (the child left it unclean).
         let journaled =
