@@ -95,7 +95,8 @@ pub fn parse_task_request(body: &[u8]) -> Result<TaskRequest, ApiError> {
     })
 }
 
-/// The policy's inputs, from the node's configuration (see [`GatewaySettings::from_config`]).
+/// The policy's inputs, from the node's configuration (built by `d402 node` from its flags:
+/// `cli::node_cmd::gateway_settings`).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct GatewaySettings {
     /// The rail settled on.

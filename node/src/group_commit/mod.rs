@@ -34,6 +34,10 @@
 //! twice, and must compute everything from the transaction it is given). A write that
 //! refuses before writing anything says so ([`CombinedError::untouched`]): the others
 //! commit as if it had not joined, and a batch of such refusals commits nothing.
+//!
+//! An async task makes its combined writes through the commit thread instead (`front.rs`;
+//! [`GroupCommit::write_combined_async`]): they queue for one thread per database,
+//! and no thread waits for them.
 
 mod front;
 

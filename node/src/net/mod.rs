@@ -1,6 +1,6 @@
 //! The libp2p node.
 //!
-//! One task owns the [`libp2p::Swarm`] and runs one event loop ([`event_loop`]); the rest of
+//! One task owns the [`libp2p::Swarm`] and runs one event loop (`event_loop.rs`); the rest of
 //! the node talks to it through a cloneable [`NetHandle`] that sends typed commands with
 //! reply channels. [`start`] builds the swarm (TCP and QUIC on the same port number, noise,
 //! yamux, DNS), listens, loads the peers persisted in the node's database and spawns the
