@@ -160,11 +160,8 @@ impl GroupCommit {
         R: Send + 'static,
         E: CombinedError + Send + 'static,
     {
-        let reply = self.submit(db, f, true);
-        async move {
-            let finished = reply?.await.map_err(|_| GroupCommitError::Lost)?;
-            Ok(unpack::<F, R, E>(finished)?.0)
-        }
+        let written = self.submitted(db, f, true);
+        async move { Ok(written.await?.0) }
     }
 
     /// [`GroupCommit::write_combined_deferred`] for an async task: resolves once `f`'s
@@ -179,12 +176,31 @@ impl GroupCommit {
         R: Send + 'static,
         E: CombinedError + Send + 'static,
     {
-        let reply = self.submit(db, f, false);
+        let written = self.submitted(db, f, false);
         async move {
-            let finished = reply?.await.map_err(|_| GroupCommitError::Lost)?;
-            let (out, ticket) = unpack::<F, R, E>(finished)?;
+            let (out, ticket) = written.await?;
             // No ticket: the commit was durable, so any ticket covers it.
             Ok(out.map(|out| (out, Ticket(ticket.unwrap_or(0)))))
+        }
+    }
+
+    /// Submits `f` ([`GroupCommit::submit`]) and resolves to its result and the ticket of
+    /// the commit that holds it, as [`unpack`] gives them.
+    fn submitted<R, E, F>(
+        self: &Arc<Self>,
+        db: &Arc<Database>,
+        f: F,
+        durable: bool,
+    ) -> impl Future<Output = Result<(Result<R, E>, Option<u64>), GroupCommitError>> + Send + 'static
+    where
+        F: CombinedWrite<R, E>,
+        R: Send + 'static,
+        E: CombinedError + Send + 'static,
+    {
+        let reply = self.submit(db, f, durable);
+        async move {
+            let finished = reply?.await.map_err(|_| GroupCommitError::Lost)?;
+            unpack::<F, R, E>(finished)
         }
     }
 
