@@ -386,6 +386,30 @@ mod tests {
         }
     }
 
+    /// The task awaiting one test write.
+    type Awaited = tokio::task::JoinHandle<Result<Result<u64, Err>, GroupCommitError>>;
+
+    /// Holds redb's write lock while the commit thread takes `first` alone and `rest` queue
+    /// behind it, then lets them go: `rest` is the thread's next batch.
+    async fn batch_behind<W: CombinedWrite<u64, Err>>(
+        db: &Arc<Database>,
+        group: &Arc<GroupCommit>,
+        first: W,
+        rest: Vec<W>,
+    ) -> (Awaited, Vec<Awaited>) {
+        let held = db.begin_write().unwrap();
+        let first = tokio::spawn(group.write_combined_async(db, first));
+        taken(group).await;
+        let n = rest.len();
+        let rest = rest
+            .into_iter()
+            .map(|w| tokio::spawn(group.write_combined_async(db, w)))
+            .collect();
+        queued(group, n).await;
+        drop(held);
+        (first, rest)
+    }
+
     fn keys_present(path: &std::path::Path, keys: std::ops::RangeInclusive<u64>) -> Vec<u64> {
         let db = Database::create(path).unwrap();
         let read = db.begin_read().unwrap();
@@ -402,17 +426,13 @@ mod tests {
             let db = Arc::new(Database::create(&path).unwrap());
             let group = Arc::new(GroupCommit::default());
             // The first write's batch waits for redb's write lock while five more queue.
-            let held = db.begin_write().unwrap();
-            let first =
-                tokio::spawn(group.write_combined_async(&db, write(0, How::Ok, runs.clone())));
-            taken(&group).await;
-            let rest: Vec<_> = (1..6)
-                .map(|k| {
-                    tokio::spawn(group.write_combined_async(&db, write(k, How::Ok, runs.clone())))
-                })
-                .collect();
-            queued(&group, 5).await;
-            drop(held);
+            let (first, rest) = batch_behind(
+                &db,
+                &group,
+                write(0, How::Ok, runs.clone()),
+                (1..6).map(|k| write(k, How::Ok, runs.clone())).collect(),
+            )
+            .await;
             assert_eq!(first.await.unwrap().unwrap().unwrap(), 0);
             for (k, r) in (1..).zip(rest) {
                 assert_eq!(r.await.unwrap().unwrap().unwrap(), k);
@@ -435,19 +455,17 @@ mod tests {
         {
             let db = Arc::new(Database::create(&path).unwrap());
             let group = Arc::new(GroupCommit::default());
-            let held = db.begin_write().unwrap();
-            let first =
-                tokio::spawn(group.write_combined_async(&db, write(1, How::Ok, runs.clone())));
-            taken(&group).await;
             let hows = [How::Ok, How::Fail, How::Panic, How::Refuse, How::Ok];
-            let rest: Vec<_> = (2..)
-                .zip(hows)
-                .map(|(k, how)| {
-                    tokio::spawn(group.write_combined_async(&db, write(k, how, runs.clone())))
-                })
-                .collect();
-            queued(&group, hows.len()).await;
-            drop(held);
+            let (first, rest) = batch_behind(
+                &db,
+                &group,
+                write(1, How::Ok, runs.clone()),
+                (2..)
+                    .zip(hows)
+                    .map(|(k, how)| write(k, how, runs.clone()))
+                    .collect(),
+            )
+            .await;
             assert!(first.await.unwrap().unwrap().is_ok());
             let mut got = Vec::new();
             for r in rest {
