@@ -400,7 +400,8 @@ fn read_header(log: &File, path: &Path) -> Result<Header, JournalError> {
     if !(MIN_CAPACITY..=MAX_CAPACITY).contains(&h.capacity)
         || h.capacity % ALIGN != 0
         || h.base_offset < DATA_START
-        || h.base_offset >= h.capacity
+        // At the ring's very end (the last entry filled it): the next entry is at its start.
+        || h.base_offset > h.capacity
         || h.base_offset % ALIGN != 0
     {
         return Err(corrupt(format!(
@@ -971,6 +972,37 @@ mod tests {
             crash(c, &mut rng, (seed - 1) * 20);
             check(&dir.path().join("db.redb"), &acked);
         }
+    }
+
+    #[test]
+    fn a_checkpoint_at_the_rings_very_end_leaves_a_journal_that_opens() {
+        use std::sync::atomic::Ordering::SeqCst;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("db.redb");
+        let v = Volatile::new(&path);
+        let crashed = v.crashed.clone();
+        let j = Journaled::with_backend(v, &journal_path(&path), MIN_CAPACITY).unwrap();
+        j.shared.paused.store(true, SeqCst);
+        // Entries of one block each (the entry's head and one write record): fifteen fill
+        // the ring to its end.
+        let len = ALIGN as usize - ENTRY_HEAD - 13;
+        let block = |i: u8| vec![i; len];
+        for i in 0..15u8 {
+            j.write(u64::from(i) * ALIGN, &block(i)).unwrap();
+            j.sync_data().unwrap();
+        }
+        assert_eq!(lock(&j.shared.ring).head, MIN_CAPACITY);
+        j.shared.checkpoint().unwrap();
+        // The next entry wraps to the ring's start; then the power goes.
+        j.write(0, &block(99)).unwrap();
+        j.sync_data().unwrap();
+        crashed.store(true, SeqCst);
+        drop(j);
+        // The header names the ring's end; replay finds the entry at its start.
+        let reopened = Journaled::open(&path, MIN_CAPACITY).unwrap();
+        let mut got = vec![0; len];
+        reopened.read(0, &mut got).unwrap();
+        assert_eq!(got, block(99));
     }
 
     #[test]
