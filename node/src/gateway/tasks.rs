@@ -421,7 +421,16 @@ async fn create_inner(
             .map_err(|_| internal("the payment lock panicked"))?;
             match inline {
                 Some(written) => deferred(written),
-                None => deferred(state.write_combined_deferred_async(record()).await),
+                None => {
+                    // The write's panic is resumed here: answered as the inline one's.
+                    let queued =
+                        std::panic::AssertUnwindSafe(state.write_combined_deferred_async(record()));
+                    deferred(
+                        futures::FutureExt::catch_unwind(queued)
+                            .await
+                            .map_err(|_| internal("the payment lock panicked"))?,
+                    )
+                }
             }
         } else {
             // The rail's own database: a durable commit, on the blocking pool.
