@@ -8,17 +8,24 @@
 //! one write). [`Journaled`] is a [`StorageBackend`] that wraps redb's own
 //! [`FileBackend`] and changes only what a sync costs:
 //!
-//! - every write and length change goes to the database file at once, as before (so reads,
-//!   which go to the file, see it), and is also recorded in memory;
+//! - every write is kept in memory, in an [`overlay`] of the file that reads look at first,
+//!   and recorded for the journal; a length change goes to the database file at once;
 //! - `sync_data` (redb's durable commit) appends those records to the journal as **one
 //!   entry** (a sequence number, the records, a CRC-32 over them) in one write, and syncs the
 //!   journal instead of the database file. Once it returns the commit is durable: after a
 //!   crash the journal's entries are replayed onto the database file before redb opens it;
-//! - a background thread *checkpoints*: it syncs the database file (everything written to
-//!   it before the sync started is then durable there) and moves the journal's start past the
-//!   entries that sync covered, so the journal is a ring of bounded size
-//!   ([`DEFAULT_CAPACITY`]). When the ring is full the commit checkpoints itself first; a
-//!   commit too large for the ring is made durable by a checkpoint alone.
+//! - a background thread *checkpoints*: it writes what the overlay holds to the database
+//!   file (a page rewritten by many commits once, adjacent pages in one write), syncs the
+//!   file (everything written to it before the sync started is then durable there), and
+//!   moves the journal's start past the entries that sync covered, so the journal is a ring
+//!   of bounded size ([`DEFAULT_CAPACITY`]). When the ring is full the commit checkpoints
+//!   itself first; a commit too large for the ring is made durable by a checkpoint alone.
+//!   The checkpointer also runs when the overlay holds more than [`OVERLAY_LIMIT`] bytes.
+//!
+//! Keeping the writes off the file until a checkpoint changes nothing of what a crash can
+//! leave: the file then holds an older image of pages that were written, as it could when
+//! the kernel had not yet written them back, and the journal restores every page of the
+//! last durable commit.
 //!
 //! The journal starts with two header slots (512 bytes apart, the one with the higher
 //! generation and a valid CRC counts): the sequence number and offset of its first live
@@ -54,6 +61,10 @@ use std::{
 use redb::{BackendError, StorageBackend, backends::FileBackend};
 use thiserror::Error;
 
+mod overlay;
+
+use overlay::Overlay;
+
 /// Appended to the database file's name to name its journal.
 pub const JOURNAL_SUFFIX: &str = ".journal";
 
@@ -71,6 +82,12 @@ const DATA_START: u64 = 4096;
 const ALIGN: u64 = 4096;
 /// How much the journal file is extended at a time while it grows to its capacity.
 const GROW_STEP: u64 = 1 << 20;
+
+/// Bytes the overlay may hold before the checkpointer writes them out (it does at the
+/// latest when the journal's ring is a quarter full).
+pub const OVERLAY_LIMIT: u64 = 32 << 20;
+/// Largest write a checkpoint makes of adjacent overlay ranges.
+const MAX_RUN: usize = 1 << 20;
 
 const HEADER_MAGIC: &[u8; 8] = b"d402jnl1";
 /// magic 8, generation 8, first sequence number 8, first offset 8, capacity 8, CRC 4.
@@ -151,7 +168,10 @@ struct Shared<B> {
     ring: Mutex<Ring>,
     /// Wakes the checkpointer.
     wake: Condvar,
-    /// Held for the whole of a checkpoint.
+    /// Writes not yet in the database file.
+    overlay: Mutex<Overlay>,
+    /// Held for the whole of a checkpoint, and while the file's length changes (so that a
+    /// checkpoint never writes past a new end).
     checkpointing: Mutex<()>,
     /// Held while the file is extended.
     growing: Mutex<()>,
@@ -183,6 +203,8 @@ struct Ring {
     /// A commit found the file's end near: the checkpointer extends it (off the commit's
     /// path).
     grow_wanted: bool,
+    /// The overlay holds more than [`OVERLAY_LIMIT`]: the checkpointer writes it out.
+    flush_wanted: bool,
     /// Why the backend is poisoned.
     failed: Option<String>,
     stop: bool,
@@ -198,6 +220,7 @@ impl Ring {
             generation: h.generation,
             allocated,
             grow_wanted: false,
+            flush_wanted: false,
             failed: None,
             stop: false,
         }
@@ -322,6 +345,7 @@ impl<B: StorageBackend> Journaled<B> {
                 overflow: false,
             }),
             ring: Mutex::new(ring),
+            overlay: Mutex::default(),
             wake: Condvar::new(),
             checkpointing: Mutex::new(()),
             growing: Mutex::new(()),
@@ -646,8 +670,8 @@ impl<B: StorageBackend> Shared<B> {
         Ok(())
     }
 
-    /// Syncs the database file and moves the journal's start past every entry appended
-    /// before.
+    /// Writes the overlay to the database file, syncs the file and moves the journal's
+    /// start past every entry appended before.
     fn checkpoint(&self) -> io::Result<()> {
         let _one = lock(&self.checkpointing);
         self.check()?;
@@ -655,7 +679,12 @@ impl<B: StorageBackend> Shared<B> {
             let r = lock(&self.ring);
             (r.head, r.next_seq, r.generation + 1)
         };
+        // Taken after the mark: it holds every write of the entries before it (or a later
+        // write of the same bytes).
+        let snapshot = lock(&self.overlay).snapshot();
+        self.write_out(&snapshot).map_err(|e| self.poison(e))?;
         self.inner.sync_data().map_err(|e| self.poison(e))?;
+        lock(&self.overlay).forget(&snapshot);
         let header = Header {
             generation,
             base_seq: mark_seq,
@@ -669,13 +698,34 @@ impl<B: StorageBackend> Shared<B> {
         Ok(())
     }
 
+    /// Writes a snapshot of the overlay to the database file, adjacent ranges at once.
+    fn write_out(&self, snapshot: &overlay::Snapshot) -> io::Result<()> {
+        let mut joined = Vec::new();
+        for run in overlay::runs(snapshot, MAX_RUN) {
+            match run {
+                [] => {}
+                [(offset, data)] => self.inner.write(*offset, data)?,
+                [(offset, _), ..] => {
+                    joined.clear();
+                    for (_, data) in run {
+                        joined.extend_from_slice(data);
+                    }
+                    self.inner.write(*offset, &joined)?;
+                }
+            }
+        }
+        Ok(())
+    }
+
     fn checkpoint_loop(&self) {
         loop {
             let (grow, full) = {
                 let mut r = lock(&self.ring);
                 while !r.stop
                     && (r.failed.is_some()
-                        || (!r.grow_wanted && self.used(&r) <= self.capacity / 4))
+                        || (!r.grow_wanted
+                            && !r.flush_wanted
+                            && self.used(&r) <= self.capacity / 4))
                 {
                     r = self.wake.wait(r).unwrap_or_else(|p| p.into_inner());
                 }
@@ -683,7 +733,8 @@ impl<B: StorageBackend> Shared<B> {
                     return;
                 }
                 let grow = std::mem::take(&mut r.grow_wanted).then_some(r.allocated + GROW_STEP);
-                (grow, self.used(&r) > self.capacity / 4)
+                let flush = std::mem::take(&mut r.flush_wanted);
+                (grow, flush || self.used(&r) > self.capacity / 4)
             };
             if let Some(end) = grow
                 && let Err(e) = self.grow(end)
@@ -707,15 +758,27 @@ impl<B: StorageBackend> Shared<B> {
 
 impl<B: StorageBackend> StorageBackend for Journaled<B> {
     fn len(&self) -> Result<u64, io::Error> {
-        self.shared.inner.len()
+        let end = lock(&self.shared.overlay).end();
+        Ok(self.shared.inner.len()?.max(end))
     }
 
     fn read(&self, offset: u64, out: &mut [u8]) -> Result<(), io::Error> {
-        self.shared.inner.read(offset, out)
+        // Held over the file's reads too: a checkpoint then cannot forget a range read here
+        // as a gap in between.
+        let overlay = lock(&self.shared.overlay);
+        for (at, n) in overlay.read(offset, out) {
+            let from = (at - offset) as usize;
+            self.shared.inner.read(at, &mut out[from..from + n])?;
+        }
+        Ok(())
     }
 
     fn set_len(&self, len: u64) -> Result<(), io::Error> {
-        self.shared.inner.set_len(len)?;
+        {
+            let _no_checkpoint = lock(&self.shared.checkpointing);
+            self.shared.inner.set_len(len)?;
+            lock(&self.shared.overlay).set_len(len);
+        }
         self.shared.record(REC_SET_LEN, len, &[]);
         Ok(())
     }
@@ -725,8 +788,16 @@ impl<B: StorageBackend> StorageBackend for Journaled<B> {
     }
 
     fn write(&self, offset: u64, data: &[u8]) -> Result<(), io::Error> {
-        self.shared.inner.write(offset, data)?;
+        let full = {
+            let mut overlay = lock(&self.shared.overlay);
+            overlay.write(offset, data.into());
+            overlay.bytes() > OVERLAY_LIMIT
+        };
         self.shared.record(REC_WRITE, offset, data);
+        if full {
+            lock(&self.shared.ring).flush_wanted = true;
+            self.shared.wake.notify_one();
+        }
         Ok(())
     }
 
