@@ -364,7 +364,9 @@ impl State {
                 reason: e.to_string(),
             },
             GroupCommitError::Lost => StateError::Lost,
-            GroupCommitError::Thread(e) => StateError::Db(redb::Error::Io(e)),
+            GroupCommitError::Thread(e) | GroupCommitError::Sync(e) => {
+                StateError::Db(redb::Error::Io(e))
+            }
         }
     }
 

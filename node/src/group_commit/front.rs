@@ -8,9 +8,12 @@
 //! awaits a channel. One thread per database, the *commit thread*, takes everything queued
 //! at once and runs it in one transaction, committed durably when any of its writes waits
 //! for the disk (one commit where a non-durable commit and an empty durable one were made
-//! before). It answers the deferred writes as soon as they are committed, then makes sure
-//! the commits the others depend on are durable and answers them. Meanwhile the next
-//! writes queue; they cannot commit before that anyway, as redb has one writer at a time.
+//! before). That commit leaves its journal sync pending ([`crate::journal::deferring`]):
+//! the thread answers the writes that do not wait for the disk at once and hands the others,
+//! with the pending sync, to a second thread, the *sync thread*, which makes the sync and
+//! then answers them, batch after batch in order. Meanwhile the commit thread runs the
+//! next batch instead of waiting for the disk. (A database without a journal syncs in the
+//! commit, and the commit thread answers everything itself.)
 //!
 //! The rules are those of the blocking combined writes: a write may run twice (when another
 //! write of its batch fails, each runs again alone), its failure costs the others nothing,
@@ -22,11 +25,13 @@
 
 use std::{
     future::Future,
-    sync::{Arc, Condvar, Mutex, MutexGuard},
+    sync::{Arc, Condvar, Mutex, MutexGuard, mpsc},
 };
 
 use redb::Database;
 use tokio::sync::oneshot;
+
+use crate::journal::PendingSync;
 
 use super::{
     CombinedError, CombinedWrite, Deferred, Finished, GroupCommit, GroupCommitError, Job, Ticket,
@@ -84,13 +89,18 @@ impl Front {
         self.queue.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// A new front and its commit thread.
+    /// A new front, its commit thread and its sync thread.
     fn start() -> Result<Arc<Front>, GroupCommitError> {
         let front = Arc::new(Front::default());
         let served = front.clone();
+        let (held, to_sync) = mpsc::channel();
+        std::thread::Builder::new()
+            .name("d402-sync".into())
+            .spawn(move || answer_when_synced(to_sync))
+            .map_err(GroupCommitError::Thread)?;
         std::thread::Builder::new()
             .name("d402-commit".into())
-            .spawn(move || served.serve())
+            .spawn(move || served.serve(held))
             .map_err(GroupCommitError::Thread)?;
         Ok(front)
     }
@@ -101,8 +111,10 @@ impl Front {
         self.ready.notify_one();
     }
 
-    /// The commit thread: runs everything queued, batch after batch.
-    fn serve(&self) {
+    /// The commit thread: runs everything queued, batch after batch; hands the answers that
+    /// wait for a pending journal sync to the sync thread (which ends after them when this
+    /// thread ends and drops `held`).
+    fn serve(&self, held: mpsc::Sender<Held>) {
         loop {
             let batch = {
                 let mut q = self.queue();
@@ -127,7 +139,16 @@ impl Front {
                 match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
                     group.run_front(&db, batch)
                 })) {
-                    Ok(answers) => answers,
+                    Ok((answers, waiting)) => {
+                        if let Some(w) = waiting
+                            && let Err(mpsc::SendError(w)) = held.send(w)
+                        {
+                            // No sync thread (it cannot have ended before this one): the
+                            // sync is made here.
+                            answer_held(w);
+                        }
+                        answers
+                    }
                     Err(_) => {
                         tracing::error!(
                             "a combined transaction failed unexpectedly; its writes' outcomes are unknown"
@@ -136,14 +157,66 @@ impl Front {
                     }
                 }
             };
-            // Answered only once this thread holds neither the database nor the group: a
-            // caller may close the database (and open it again) as soon as it is answered.
-            for (reply, writer, done) in answers {
-                drop(writer);
-                let _ = reply.send(done);
+            send(answers);
+        }
+    }
+}
+
+/// Answers, once each is dropped its hold of the group: a caller may close the database
+/// (and open it again) as soon as it is answered.
+fn send(answers: Vec<Answer>) {
+    for (reply, writer, done) in answers {
+        drop(writer);
+        let _ = reply.send(done);
+    }
+}
+
+/// Answers that wait for a durable commit whose journal sync is pending, with that sync
+/// and what the group's durable mark becomes once it returns.
+pub(super) struct Held {
+    answers: Vec<Answer>,
+    sync: PendingSync,
+    covers: u64,
+}
+
+/// The sync thread: makes each batch's pending journal sync, in order, then answers the
+/// batch. Meanwhile the commit thread runs the next batches.
+fn answer_when_synced(held: mpsc::Receiver<Held>) {
+    while let Ok(h) = held.recv() {
+        answer_held(h);
+    }
+}
+
+/// Waits for `h`'s sync and answers its writes: with their outcome once the commit is
+/// durable (the group's durable mark moved first), or with the sync's error.
+fn answer_held(h: Held) {
+    let Held {
+        mut answers,
+        sync,
+        covers,
+    } = h;
+    match sync.wait() {
+        Ok(()) => {
+            if let Some((_, Writer(group), _)) = answers.first() {
+                let mut p = group.progress();
+                if covers > p.durable {
+                    p.durable = covers;
+                    group.synced.notify_all();
+                }
+            }
+        }
+        Err(e) => {
+            let kind = e.kind();
+            let why = e.to_string();
+            for (_, _, done) in &mut answers {
+                *done = Finished::Failed(GroupCommitError::Sync(std::io::Error::new(
+                    kind,
+                    why.clone(),
+                )));
             }
         }
     }
+    send(answers);
 }
 
 impl GroupCommit {
@@ -248,9 +321,10 @@ impl GroupCommit {
         Ok(answer)
     }
 
-    /// Runs one batch of the commit thread: each write's answer, once the commits it
-    /// depends on are durable.
-    fn run_front(&self, db: &Database, batch: Vec<Queued>) -> Vec<Answer> {
+    /// Runs one batch of the commit thread: the answers to send now (each once the commits
+    /// it depends on are durable), and those to send once the batch's durable commit,
+    /// whose journal sync was left pending, is on disk.
+    fn run_front(&self, db: &Database, batch: Vec<Queued>) -> (Vec<Answer>, Option<Held>) {
         let durable = batch.iter().any(|q| q.job.durable());
         let mut replies = Vec::with_capacity(batch.len());
         let mut jobs = Vec::with_capacity(batch.len());
@@ -261,26 +335,59 @@ impl GroupCommit {
         let mut answers = Vec::with_capacity(replies.len());
         // The durable commit the answers wait for (0: none).
         let mut upto = 0;
-        self.run_jobs(db, jobs, durable, |id, done| {
-            let Some((reply, writer)) = usize::try_from(id)
-                .ok()
-                .and_then(|i| replies.get_mut(i))
-                .and_then(Option::take)
-            else {
-                return;
-            };
-            if let Finished::Ran(job, ticket) = &done
-                && job.durable()
-            {
-                if job.untouched() {
-                    // It read what was committed before it: on disk before it is answered.
-                    upto = upto.max(self.progress().committed);
-                } else if job.succeeded() {
-                    upto = upto.max(ticket.unwrap_or(0));
+        let ((), pending) = crate::journal::deferring(|| {
+            self.run_jobs(db, jobs, durable, |id, done| {
+                let Some((reply, writer)) = usize::try_from(id)
+                    .ok()
+                    .and_then(|i| replies.get_mut(i))
+                    .and_then(Option::take)
+                else {
+                    return;
+                };
+                if let Finished::Ran(job, ticket) = &done
+                    && job.durable()
+                {
+                    if job.untouched() {
+                        // It read what was committed before it: on disk before it is answered.
+                        upto = upto.max(self.progress().committed);
+                    } else if job.succeeded() {
+                        upto = upto.max(ticket.unwrap_or(0));
+                    }
+                }
+                answers.push((reply, writer, done));
+            })
+        });
+        let covers = self.progress().pending_covers.take();
+        match (pending, covers) {
+            (Some(sync), Some(covers)) => {
+                // The batch committed durably, its journal sync pending: the writes that
+                // wait for the disk (an untouched refusal read nothing newer than this
+                // commit) are answered once it returns, the others now.
+                let (waiting, now): (Vec<Answer>, Vec<Answer>) =
+                    answers.into_iter().partition(|(_, _, done)| waits(done));
+                let held = (!waiting.is_empty()).then_some(Held {
+                    answers: waiting,
+                    sync,
+                    covers,
+                });
+                return (now, held);
+            }
+            // A sync left pending otherwise (not expected): made here, before any answer.
+            (Some(sync), None) => {
+                if let Err(e) = sync.wait() {
+                    for (_, _, done) in &mut answers {
+                        if waits(done) {
+                            *done = Finished::Failed(GroupCommitError::Sync(std::io::Error::new(
+                                e.kind(),
+                                e.to_string(),
+                            )));
+                        }
+                    }
+                    return (answers, None);
                 }
             }
-            answers.push((reply, writer, done));
-        });
+            _ => {}
+        }
         if upto > 0
             && let Err(e) = self.wait_durable(db, upto)
         {
@@ -288,16 +395,19 @@ impl GroupCommit {
             // (the backend refuses every sync after one failed).
             let mut e = Some(e);
             for (_, _, done) in &mut answers {
-                if let Finished::Ran(job, _) = done
-                    && job.durable()
-                    && (job.untouched() || job.succeeded())
-                {
+                if waits(done) {
                     *done = Finished::Failed(e.take().unwrap_or(GroupCommitError::Lost));
                 }
             }
         }
-        answers
+        (answers, None)
     }
+}
+
+/// Whether a write's answer waits for the disk: one that waits for durability and
+/// succeeded, or refused untouched after reading what others committed.
+fn waits(done: &Finished) -> bool {
+    matches!(done, Finished::Ran(job, _) if job.durable() && (job.untouched() || job.succeeded()))
 }
 
 /// A write's reply channel, its count among the writers, and its outcome.
@@ -410,8 +520,16 @@ mod tests {
         (first, rest)
     }
 
+    /// The database at `path` opened as the node opens its own: through the journal, so
+    /// that the commit thread's durable commits leave their journal sync to the sync
+    /// thread.
+    fn open(path: &std::path::Path) -> Database {
+        let journaled = crate::journal::Journaled::open(path, 1 << 20).unwrap();
+        Database::builder().create_with_backend(journaled).unwrap()
+    }
+
     fn keys_present(path: &std::path::Path, keys: std::ops::RangeInclusive<u64>) -> Vec<u64> {
-        let db = Database::create(path).unwrap();
+        let db = open(path);
         let read = db.begin_read().unwrap();
         let t = read.open_table(T).unwrap();
         keys.filter(|k| t.get(k).unwrap().is_some()).collect()
@@ -423,7 +541,7 @@ mod tests {
         let path = dir.path().join("db.redb");
         let runs = Arc::new(AtomicU64::new(0));
         {
-            let db = Arc::new(Database::create(&path).unwrap());
+            let db = Arc::new(open(&path));
             let group = Arc::new(GroupCommit::default());
             // The first write's batch waits for redb's write lock while five more queue.
             let (first, rest) = batch_behind(
@@ -439,9 +557,11 @@ mod tests {
             }
             assert_eq!(front_of(&group).batches.load(Ordering::SeqCst), 2);
             assert_eq!(runs.load(Ordering::SeqCst), 6);
-            // Each batch committed durably itself: no commit was left for a later sync.
+            // Each batch committed durably itself (its journal sync made by the sync
+            // thread, which then marked it durable): no commit was left for a later sync.
             let p = group.progress();
-            assert_eq!(p.committed, 0);
+            assert_eq!(p.committed, 2);
+            assert_eq!(p.durable, 2);
             assert_eq!(p.writers, 0);
         }
         assert_eq!(keys_present(&path, 0..=5), (0..=5).collect::<Vec<_>>());
@@ -453,7 +573,7 @@ mod tests {
         let path = dir.path().join("db.redb");
         let runs = Arc::new(AtomicU64::new(0));
         {
-            let db = Arc::new(Database::create(&path).unwrap());
+            let db = Arc::new(open(&path));
             let group = Arc::new(GroupCommit::default());
             let hows = [How::Ok, How::Fail, How::Panic, How::Refuse, How::Ok];
             let (first, rest) = batch_behind(
@@ -498,7 +618,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("db.redb");
         let runs = Arc::new(AtomicU64::new(0));
-        let db = Arc::new(Database::create(&path).unwrap());
+        let db = Arc::new(open(&path));
         let group = Arc::new(GroupCommit::default());
         let (k, ticket) = group
             .write_combined_deferred_async(&db, write(1, How::Ok, runs.clone()))
@@ -519,7 +639,8 @@ mod tests {
             .unwrap();
         assert!(refusal.is_err());
         assert!(group.is_durable(ticket));
-        // A deferred write batched with a durable one: durable when answered.
+        // A deferred write batched with a durable one: answered at once, and durable once
+        // the durable one is answered (its journal sync made on the sync thread).
         let held = db.begin_write().unwrap();
         let first = tokio::spawn(group.write_combined_async(&db, write(2, How::Ok, runs.clone())));
         taken(&group).await;
@@ -547,7 +668,7 @@ mod tests {
     async fn the_thread_ends_with_its_group_and_holds_no_database() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("db.redb");
-        let db = Arc::new(Database::create(&path).unwrap());
+        let db = Arc::new(open(&path));
         let group = Arc::new(GroupCommit::default());
         let runs = Arc::new(AtomicU64::new(0));
         group

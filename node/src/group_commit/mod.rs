@@ -72,6 +72,10 @@ pub enum GroupCommitError {
     /// The commit thread of asynchronous writes cannot be started.
     #[error("cannot start the commit thread: {0}")]
     Thread(std::io::Error),
+    /// The journal's sync of a commit left to the sync thread failed: the commit may not
+    /// be on disk (and the database refuses every later commit).
+    #[error("the journal's sync failed: {0}")]
+    Sync(std::io::Error),
 }
 
 #[derive(Debug, Default)]
@@ -84,6 +88,9 @@ struct Progress {
     syncing: bool,
     /// Writes in progress (from their start until they return).
     writers: usize,
+    /// The commit thread's durable commit whose journal sync it left pending
+    /// ([`crate::journal::deferring`]): what `durable` becomes once that sync returns.
+    pending_covers: Option<u64>,
 }
 
 /// A writer counted in [`Progress::writers`] until dropped, so that a write that fails or
@@ -520,8 +527,18 @@ impl GroupCommit {
             // Every write refused untouched: nothing to commit, nothing to wait for.
             return Ok(Some(None));
         }
+        // The commit thread's durable commit may leave its journal sync pending: counted
+        // while this transaction holds the write lock, so that every commit counted up to
+        // it is in it, and a deferred write of it has a ticket that is not durable before.
+        let counted = (alone && crate::journal::is_deferring()).then(|| self.count_commit().0);
         txn.commit()?;
         if alone {
+            let covers = counted.unwrap_or(covers);
+            if crate::journal::sync_deferred() {
+                // Durable, with all it covers, once that sync returns.
+                self.progress().pending_covers = Some(covers);
+                return Ok(Some(Some(covers)));
+            }
             let mut p = self.progress();
             if covers > p.durable {
                 p.durable = covers;

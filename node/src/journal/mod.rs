@@ -8,8 +8,9 @@
 //! one write). [`Journaled`] is a [`StorageBackend`] that wraps redb's own
 //! [`FileBackend`] and changes only what a sync costs:
 //!
-//! - every write is kept in memory, in an [`overlay`] of the file that reads look at first,
-//!   and recorded for the journal; a length change goes to the database file at once;
+//! - every write is kept in memory, in an overlay of the file (`overlay.rs`) that reads
+//!   look at first, and recorded for the journal; a length change goes to the database
+//!   file at once;
 //! - `sync_data` (redb's durable commit) appends those records to the journal as **one
 //!   entry** (a sequence number, the records, a CRC-32 over them) in one write, and syncs the
 //!   journal instead of the database file. Once it returns the commit is durable: after a
@@ -21,6 +22,11 @@
 //!   of bounded size ([`DEFAULT_CAPACITY`]). When the ring is full the commit checkpoints
 //!   itself first; a commit too large for the ring is made durable by a checkpoint alone.
 //!   The checkpointer also runs when the overlay holds more than [`OVERLAY_LIMIT`] bytes.
+//!
+//! A commit made inside [`deferring`] (group commit's commit thread) has its entry appended
+//! but not synced; the caller waits for the [`PendingSync`] before it acknowledges anything.
+//! A checkpoint syncs the journal before it writes to the database file, and a cut of the
+//! file waits for that sync too (`deferred.rs` says why).
 //!
 //! Keeping the writes off the file until a checkpoint changes nothing of what a crash can
 //! leave: the file then holds an older image of pages that were written, as it could when
@@ -54,15 +60,20 @@ use std::{
     ops::Bound,
     os::unix::fs::{FileExt, OpenOptionsExt},
     path::{Path, PathBuf},
-    sync::{Arc, Condvar, Mutex, MutexGuard},
+    sync::{
+        Arc, Condvar, Mutex, MutexGuard,
+        atomic::{AtomicU64, Ordering},
+    },
     thread,
 };
 
 use redb::{BackendError, StorageBackend, backends::FileBackend};
 use thiserror::Error;
 
+mod deferred;
 mod overlay;
 
+pub use deferred::{PendingSync, deferring, is_deferring, sync_deferred};
 use overlay::Overlay;
 
 /// Appended to the database file's name to name its journal.
@@ -166,6 +177,10 @@ struct Shared<B> {
     /// of a sync, so appends are made one at a time.
     pending: Mutex<Pending>,
     ring: Mutex<Ring>,
+    /// Every entry up to this sequence number is durable (synced, or checkpointed).
+    synced: AtomicU64,
+    /// Held while the journal is synced for entries appended unsynced ([`deferred`]).
+    log_sync: Mutex<()>,
     /// Wakes the checkpointer.
     wake: Condvar,
     /// Writes not yet in the database file.
@@ -344,7 +359,9 @@ impl<B: StorageBackend> Journaled<B> {
                 buf: vec![0; ENTRY_HEAD],
                 overflow: false,
             }),
+            synced: AtomicU64::new(ring.next_seq.saturating_sub(1)),
             ring: Mutex::new(ring),
+            log_sync: Mutex::new(()),
             overlay: Mutex::default(),
             wake: Condvar::new(),
             checkpointing: Mutex::new(()),
@@ -593,8 +610,10 @@ impl<B: StorageBackend> Shared<B> {
         }
     }
 
-    /// Makes everything written so far durable: one journal entry, or a checkpoint.
-    fn sync(&self) -> io::Result<()> {
+    /// Makes everything written so far durable: one journal entry, or a checkpoint. Inside
+    /// [`deferring`] the entry is appended but not synced, and left for the caller to
+    /// wait for ([`deferred`]).
+    fn sync(self: &Arc<Self>) -> io::Result<()> {
         let mut p = lock(&self.pending);
         self.check()?;
         if p.overflow {
@@ -630,10 +649,11 @@ impl<B: StorageBackend> Shared<B> {
         let crc = crc.finalize();
         buf[16..20].copy_from_slice(&crc.to_le_bytes());
         buf.resize(size as usize, 0);
+        let defer = deferred::is_deferring();
         let written = self
             .log
             .write_all_at(buf, pos)
-            .and_then(|()| self.log.sync_data());
+            .and_then(|()| if defer { Ok(()) } else { self.log.sync_data() });
         buf.truncate(ENTRY_HEAD);
         written.map_err(|e| self.poison(e))?;
         let wake = {
@@ -648,6 +668,29 @@ impl<B: StorageBackend> Shared<B> {
         if wake {
             self.wake.notify_one();
         }
+        if defer {
+            deferred::leave(self.clone(), seq);
+        } else {
+            // The log's sync covers every entry appended before this one too.
+            self.synced.fetch_max(seq, Ordering::AcqRel);
+        }
+        Ok(())
+    }
+
+    /// Syncs the journal, unless every entry up to `seq` is durable already.
+    fn sync_log_through(&self, seq: u64) -> io::Result<()> {
+        if self.synced.load(Ordering::Acquire) >= seq {
+            return Ok(());
+        }
+        let _one = lock(&self.log_sync);
+        if self.synced.load(Ordering::Acquire) >= seq {
+            return Ok(());
+        }
+        self.check()?;
+        // Appended before the sync starts: it covers them.
+        let appended = lock(&self.ring).next_seq.saturating_sub(1);
+        self.log.sync_data().map_err(|e| self.poison(e))?;
+        self.synced.fetch_max(appended, Ordering::AcqRel);
         Ok(())
     }
 
@@ -682,6 +725,11 @@ impl<B: StorageBackend> Shared<B> {
         // Taken after the mark: it holds every write of the entries before it (or a later
         // write of the same bytes).
         let snapshot = lock(&self.overlay).snapshot();
+        // Every commit made before the snapshot has its entry appended, synced or not
+        // (`deferring`). Synced before the snapshot reaches the file: the snapshot may
+        // overwrite pages that only those commits freed.
+        let appended = lock(&self.ring).next_seq.saturating_sub(1);
+        self.sync_log_through(appended)?;
         self.write_out(&snapshot).map_err(|e| self.poison(e))?;
         self.inner.sync_data().map_err(|e| self.poison(e))?;
         lock(&self.overlay).forget(&snapshot);
@@ -756,6 +804,31 @@ impl<B: StorageBackend> Shared<B> {
     }
 }
 
+impl<B: StorageBackend> Shared<B> {
+    /// Sets the database file's length (at once, unlike writes) and records it.
+    fn set_len(&self, len: u64) -> io::Result<()> {
+        {
+            let _no_checkpoint = lock(&self.checkpointing);
+            // A cut goes to the file at once: the pages it drops may be ones that only a
+            // commit whose journal sync is pending freed (`deferring`), so that sync first.
+            if len < self.inner.len()? {
+                let appended = lock(&self.ring).next_seq.saturating_sub(1);
+                self.sync_log_through(appended)?;
+            }
+            self.inner.set_len(len)?;
+            lock(&self.overlay).set_len(len);
+        }
+        self.record(REC_SET_LEN, len, &[]);
+        Ok(())
+    }
+}
+
+impl<B: StorageBackend> deferred::LogSync for Shared<B> {
+    fn sync_through(&self, seq: u64) -> io::Result<()> {
+        self.sync_log_through(seq)
+    }
+}
+
 impl<B: StorageBackend> StorageBackend for Journaled<B> {
     fn len(&self) -> Result<u64, io::Error> {
         let end = lock(&self.shared.overlay).end();
@@ -774,13 +847,7 @@ impl<B: StorageBackend> StorageBackend for Journaled<B> {
     }
 
     fn set_len(&self, len: u64) -> Result<(), io::Error> {
-        {
-            let _no_checkpoint = lock(&self.shared.checkpointing);
-            self.shared.inner.set_len(len)?;
-            lock(&self.shared.overlay).set_len(len);
-        }
-        self.shared.record(REC_SET_LEN, len, &[]);
-        Ok(())
+        self.shared.set_len(len)
     }
 
     fn sync_data(&self) -> Result<(), io::Error> {
@@ -1107,6 +1174,75 @@ mod tests {
             .unwrap();
         let rx = db.begin_read().unwrap();
         assert!(rx.open_table(T).unwrap().get(5).unwrap().is_none());
+    }
+
+    /// A durable commit inside `deferring` returns before the journal's sync and leaves
+    /// it pending; waiting for it, or a checkpoint (before it writes the overlay to the
+    /// database file), makes the entry durable. Outside `deferring` a commit is durable
+    /// when it returns.
+    #[test]
+    fn a_deferred_commit_is_synced_by_its_wait_or_before_a_checkpoint_writes_the_file() {
+        use std::sync::atomic::Ordering::SeqCst;
+        let dir = tempfile::tempdir().unwrap();
+        let c = open_volatile(dir.path(), DEFAULT_CAPACITY);
+        c.shared.paused.store(true, SeqCst);
+        let synced = |c: &Crashable| c.shared.synced.load(SeqCst);
+        let appended = |c: &Crashable| lock(&c.shared.ring).next_seq - 1;
+
+        insert(&c.db, 1, false);
+        assert_eq!(synced(&c), appended(&c), "a plain commit is synced");
+
+        let ((), pending) = deferring(|| insert(&c.db, 2, false));
+        let pending = pending.expect("the commit's sync was left pending");
+        assert!(synced(&c) < appended(&c), "the entry is appended unsynced");
+        assert!(
+            !sync_deferred(),
+            "nothing is left pending outside `deferring`"
+        );
+        pending.wait().unwrap();
+        assert_eq!(synced(&c), appended(&c));
+
+        let ((), pending) = deferring(|| insert(&c.db, 3, false));
+        assert!(pending.is_some() && synced(&c) < appended(&c));
+        // The checkpoint syncs the journal before the overlay reaches the database file.
+        c.shared.checkpoint().unwrap();
+        assert_eq!(synced(&c), appended(&c));
+        assert!(
+            lock(&c.shared.inner.unsynced).is_empty(),
+            "the file was synced"
+        );
+        assert!(
+            lock(&c.shared.overlay).bytes() == 0,
+            "the overlay was written out"
+        );
+        drop(pending);
+
+        // A cut of the file syncs the journal first.
+        let ((), pending) = deferring(|| insert(&c.db, 6, false));
+        assert!(pending.is_some() && synced(&c) < appended(&c));
+        let end = c.shared.inner.len().unwrap();
+        c.shared.set_len(end + 4096).unwrap();
+        assert!(synced(&c) < appended(&c), "growing the file needs no sync");
+        c.shared.set_len(end).unwrap();
+        assert_eq!(synced(&c), appended(&c));
+        drop(pending);
+
+        // A panic inside `deferring` leaves nothing deferred behind.
+        let caught = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            deferring(|| {
+                insert(&c.db, 4, false);
+                panic!("after the commit");
+            })
+        }));
+        assert!(caught.is_err());
+        assert!(!sync_deferred() && !deferred::is_deferring());
+        insert(&c.db, 5, false);
+        assert_eq!(synced(&c), appended(&c));
+        drop(c);
+        check(
+            &dir.path().join("db.redb"),
+            &[(1, false), (2, false), (3, false), (5, false), (6, false)],
+        );
     }
 
     #[test]
