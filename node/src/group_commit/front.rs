@@ -129,7 +129,7 @@ impl Front {
             #[cfg(test)]
             self.batches
                 .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-            let answers = {
+            let (answers, waiting) = {
                 let Some(first) = batch.first() else {
                     continue;
                 };
@@ -139,16 +139,7 @@ impl Front {
                 match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
                     group.run_front(&db, batch)
                 })) {
-                    Ok((answers, waiting)) => {
-                        if let Some(w) = waiting
-                            && let Err(mpsc::SendError(w)) = held.send(w)
-                        {
-                            // No sync thread (it cannot have ended before this one): the
-                            // sync is made here.
-                            answer_held(w);
-                        }
-                        answers
-                    }
+                    Ok(outcome) => outcome,
                     Err(_) => {
                         tracing::error!(
                             "a combined transaction failed unexpectedly; its writes' outcomes are unknown"
@@ -157,6 +148,15 @@ impl Front {
                     }
                 }
             };
+            // This thread's handles of the database and the group are dropped: the sync
+            // thread may answer at once.
+            if let Some(w) = waiting
+                && let Err(mpsc::SendError(w)) = held.send(w)
+            {
+                // No sync thread (it cannot have ended before this one): the sync is
+                // made here.
+                answer_held(w);
+            }
             send(answers);
         }
     }

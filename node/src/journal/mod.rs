@@ -1245,6 +1245,87 @@ mod tests {
         );
     }
 
+    /// Readers on other threads, with almost no redb cache (so their reads come to the
+    /// backend), see every committed value while the writer commits (durably, deferred and
+    /// not durably) and the checkpointer writes the overlay out under them.
+    #[test]
+    fn readers_see_every_commit_while_checkpoints_write_the_overlay_out() {
+        use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::SeqCst};
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("db.redb");
+        let journaled = Journaled::open(&path, MIN_CAPACITY * 4).unwrap();
+        let shared = journaled.shared.clone();
+        let db = Arc::new(
+            Database::builder()
+                .set_cache_size(64 << 10)
+                .create_with_backend(journaled)
+                .unwrap(),
+        );
+        let done = Arc::new(AtomicU64::new(0));
+        let stop = Arc::new(AtomicBool::new(false));
+        let readers: Vec<_> = (0..2u64)
+            .map(|r| {
+                let (db, done, stop) = (db.clone(), done.clone(), stop.clone());
+                thread::spawn(move || {
+                    let mut rng = Rng(r + 7);
+                    let mut reads = 0u64;
+                    while !stop.load(SeqCst) {
+                        let n = done.load(SeqCst);
+                        if n == 0 {
+                            thread::yield_now();
+                            continue;
+                        }
+                        let rx = db.begin_read().unwrap();
+                        let t = rx.open_table(T).unwrap();
+                        for _ in 0..20 {
+                            let k = rng.next() % n;
+                            let v = t.get(k).unwrap().unwrap_or_else(|| panic!("{k} missing"));
+                            assert_eq!(v.value(), value(k, k.is_multiple_of(50)).as_slice(), "{k}");
+                            reads += 1;
+                        }
+                    }
+                    reads
+                })
+            })
+            .collect();
+        let generation = lock(&shared.ring).generation;
+        for k in 0..600u64 {
+            let mut tx = db.begin_write().unwrap();
+            if k % 3 == 2 {
+                tx.set_durability(redb::Durability::None).unwrap();
+            }
+            tx.open_table(T)
+                .unwrap()
+                .insert(k, value(k, k.is_multiple_of(50)).as_slice())
+                .unwrap();
+            if k % 3 == 1 {
+                let (committed, pending) = deferring(|| tx.commit());
+                committed.unwrap();
+                if let Some(p) = pending {
+                    p.wait().unwrap();
+                }
+            } else {
+                tx.commit().unwrap();
+            }
+            done.store(k + 1, SeqCst);
+        }
+        // The last non-durable commits persisted.
+        db.begin_write().unwrap().commit().unwrap();
+        stop.store(true, SeqCst);
+        for r in readers {
+            assert!(r.join().unwrap() > 0, "a reader read nothing");
+        }
+        assert!(
+            lock(&shared.ring).generation > generation + 3,
+            "the overlay was hardly ever written out"
+        );
+        drop(shared);
+        let db = Arc::into_inner(db).unwrap();
+        drop(db);
+        let acked: Vec<(u64, bool)> = (0..600u64).map(|k| (k, k.is_multiple_of(50))).collect();
+        check(&path, &acked);
+    }
+
     #[test]
     fn a_clean_close_leaves_a_database_that_needs_no_journal() {
         let dir = tempfile::tempdir().unwrap();
