@@ -167,20 +167,7 @@ pub(super) fn runs(snapshot: &Snapshot, max: usize) -> Vec<&[Range]> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    /// A small deterministic generator (xorshift64*).
-    struct Rng(u64);
-    impl Rng {
-        fn next(&mut self) -> u64 {
-            self.0 ^= self.0 >> 12;
-            self.0 ^= self.0 << 25;
-            self.0 ^= self.0 >> 27;
-            self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
-        }
-        fn below(&mut self, n: u64) -> u64 {
-            self.next() % n
-        }
-    }
+    use crate::journal::tests::Rng;
 
     /// Reads `[offset, offset + n)` as the backend does: the overlay, then the gaps from
     /// `file` (zeros past its end).
